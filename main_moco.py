@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Unsupervised pre-training with MoCo v1/v2 (He et al. 2019; Chen et al. 2020).
+
+Launch: `python main_moco.py DIR` (one device, or every local GPU), the reference's
+`--multiprocessing-distributed --dist-url ... --world-size N --rank R`, torchrun, or SLURM srun.
+"""
+import os
+import random
+import time
+
+import torch
+
+from moco import builder, cli, knn
+from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint,
+                             load_checkpoint, pretrain_checkpoint_name, restore_rng_state,
+                             save_checkpoint)
+from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, require_split
+from moco.distributed import (all_reduce_sum, broadcast_from_main, plan_launch, process_group,
+                              run_processes, wrap_ddp)
+from moco.errors import Preempted, UserError, run_cli
+from moco.loader import linear_val_transform, pretrain_transform
+from moco.logs import RunLog
+from moco.meters import AverageMeter, ProgressMeter, accuracy
+from moco.models import model_constructor
+from moco.runtime import (Precision, PreemptionSignal, check_amp, per_process_batch,
+                          seed_everything, workers_per_process)
+from moco.schedule import adjust_learning_rate
+
+
+def get_args_parser():
+    parser = cli.make_parser("MoCo unsupervised pre-training")
+    cli.add_data_and_launch_args(parser, default_lr=0.03, default_epochs=200, default_schedule=[120, 160],
+                                 default_wd=1e-4)
+    parser.add_argument("--moco-dim", default=128, type=int, help="feature dimension")
+    parser.add_argument("--moco-k", default=65536, type=int, help="queue size; number of negative keys")
+    parser.add_argument("--moco-m", default=0.999, type=float, help="moco momentum of updating key encoder")
+    parser.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature")
+    parser.add_argument("--mlp", action="store_true", help="use mlp head")
+    parser.add_argument("--aug-plus", action="store_true", help="use moco v2 data augmentation")
+    parser.add_argument("--cos", action="store_true", help="use cosine lr schedule")
+    # additions of this project
+    parser.add_argument("--bn-splits", default=1, type=int,
+                        help="split BatchNorm imitating N devices on one (1 = plain BN)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="symmetric loss: each crop is query once and key once (losses summed)")
+    parser.add_argument("--knn-freq", default=0, type=int, metavar="N",
+                        help="kNN monitor every N epochs (DIR/train as bank, DIR/val as queries); 0 = off")
+    parser.add_argument("--knn-k", default=200, type=int, help="neighbours of the kNN monitor")
+    parser.add_argument("--knn-t", default=0.1, type=float, help="temperature of the kNN monitor")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks that run once, before any process starts training.
+# --------------------------------------------------------------------------------------------------
+def preflight(args, plan):
+    """Fail on bad input before anything is written; return the checkpoint to resume from (or '')."""
+    check_amp(args)
+    require_split(args.data, "train")
+    if args.knn_freq > 0:
+        require_split(args.data, "val")
+    batch = per_process_batch(args.batch_size, plan.procs_per_node)
+    if args.bn_splits < 1 or batch % args.bn_splits != 0:
+        raise UserError(f"--bn-splits {args.bn_splits} must divide the per-process batch {batch}")
+    global_batch = batch * plan.world_size
+    keys_per_step = 2 * global_batch if args.symmetric else global_batch
+    try:
+        builder.check_queue_divisible(args.moco_k, keys_per_step)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.resume:
+        return check_resume_file(args.resume, args.arch)
+    log = RunLog(args.output_dir, is_main=plan.rank == 0)
+    return find_resume_checkpoint(args.output_dir, args.arch, log=log.info) or ""
+
+
+def check_resume_file(path, arch):
+    checkpoint = load_checkpoint(path, what="--resume checkpoint")
+    state_dict = checkpoint_state_dict(checkpoint, path, what="--resume checkpoint")
+    if not any(".encoder_q." in key or key.startswith("encoder_q.") for key in state_dict):
+        raise UserError(f"--resume checkpoint '{path}' is not a MoCo pre-training checkpoint "
+                        f"(no encoder_q weights)")
+    if checkpoint.get("arch", arch) != arch:
+        raise UserError(f"--resume checkpoint '{path}' was trained with --arch {checkpoint['arch']}, "
+                        f"this run uses --arch {arch}")
+    return path
+
+
+def main(args):
+    if args.data is None:
+        from moco.synthetic import default_dataset
+        args.data = default_dataset(log=print)
+    plan = plan_launch(args)
+    args.resume = preflight(args, plan)
+    return run_processes(train_process, plan, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# One training process.
+# --------------------------------------------------------------------------------------------------
+def train_process(local_index, plan, args):
+    with process_group(plan, local_index, args) as ctx:
+        log = RunLog(args.output_dir, ctx.is_main)
+        if args.seed is not None:
+            seed_everything(args.seed)
+        torch.backends.cudnn.benchmark = args.seed is None
+        batch = per_process_batch(args.batch_size, ctx.procs_per_node)
+        workers = workers_per_process(args.workers, ctx.procs_per_node)
+
+        model, base = build_model(args, ctx)
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        precision = Precision(args.amp, ctx.device)
+        state = TrainState(data_seed=draw_data_seed(args, ctx.device), epoch=args.start_epoch)
+        if args.resume:
+            resume(args.resume, model, optimizer, precision, state, ctx, log)
+
+        dataset = RobustImageFolder(os.path.join(args.data, "train"),
+                                    pretrain_transform(args.aug_plus, args.crop_size), state.data_seed)
+        sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, state.data_seed, batch)
+        loader = make_loader(dataset, sampler, batch, workers, ctx.device, drop_last=True)
+        if sampler.steps_per_epoch() == 0:
+            raise UserError(f"the {len(dataset)} training images give no full batch of {batch} per process")
+        knn_loaders = make_knn_loaders(args, ctx, batch, workers) if args.knn_freq > 0 else None
+
+        log.info(f"=> {describe_run(args, ctx, batch, workers, precision, len(dataset))}")
+        log.info(f"=> model: MoCo over {args.arch}{' + MLP head' if args.mlp else ''}, "
+                 f"{sum(p.numel() for p in base.parameters())} parameters in each encoder")
+        with PreemptionSignal() as preemption:
+            for epoch in range(state.epoch, args.epochs):
+                sampler.set_epoch(epoch, state.step_in_epoch)
+                lr = adjust_learning_rate(optimizer, epoch, args, cos=args.cos)
+                stats = train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, lr,
+                                        state, preemption, sampler.steps_per_epoch())
+                stats["bad_images"] = int(all_reduce_sum(dataset.bad_images.clone().to(ctx.device)))
+                if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+                    stats["knn_top1"] = knn.knn_top1(base, *knn_loaders, ctx.device, args.knn_k,
+                                                     args.knn_t, args.channels_last)
+                    log.info(f"=> epoch {epoch}: kNN top-1 {stats['knn_top1']:.2f}")
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+                path = save(args, model, optimizer, precision, state, ctx)
+                log.record({"epoch": epoch, **stats, "checkpoint": path})
+        log.info(f"=> done: {args.epochs} epochs; checkpoints and log.txt in {os.path.abspath(args.output_dir)}")
+
+
+class TrainState:
+    """Where the run is: the next epoch, steps already done in it, and the data seed."""
+
+    def __init__(self, data_seed, epoch=0, step_in_epoch=0):
+        self.data_seed = data_seed
+        self.epoch = epoch
+        self.step_in_epoch = step_in_epoch
+
+
+def draw_data_seed(args, device):
+    """--seed, or a fresh random seed shared by all processes (and kept in checkpoints)."""
+    seed = torch.tensor([args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)],
+                        device=device)
+    return int(broadcast_from_main(seed))
+
+
+def build_model(args, ctx):
+    """The MoCo module on this process's device, DDP-wrapped in every launch mode."""
+    model = builder.MoCo(model_constructor(args.arch, args.cifar_stem), args.moco_dim, args.moco_k,
+                         args.moco_m, args.moco_t, args.mlp, bn_splits=args.bn_splits,
+                         symmetric=args.symmetric)
+    model.to(ctx.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    base = model.encoder_q
+    if args.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    return wrap_ddp(model, ctx.device, sync_buffers_each_step=False), base
+
+
+def make_loader(dataset, sampler, batch, workers, device, drop_last):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator())  # its own generator: the loader never draws from the training RNG
+
+
+def make_knn_loaders(args, ctx, batch, workers):
+    transform = linear_val_transform(args.crop_size)
+    bank = RobustImageFolder(os.path.join(args.data, "train"), transform)
+    queries = RobustImageFolder(os.path.join(args.data, "val"), transform)
+    return (make_loader(bank, ShardSampler(len(bank), ctx.world_size, ctx.rank), batch, workers,
+                        ctx.device, drop_last=False),
+            make_loader(queries, ShardSampler(len(queries), ctx.world_size, ctx.rank), batch, workers,
+                        ctx.device, drop_last=False),
+            len(bank.classes))
+
+
+def describe_run(args, ctx, batch, workers, precision, num_images):
+    return (f"world size {ctx.world_size} ({ctx.procs_per_node} per node, backend {ctx.backend}, "
+            f"device {ctx.device}), per-process batch {batch} (global {batch * ctx.world_size}), "
+            f"{workers} loader workers per process, {precision.describe()}, {num_images} training images; "
+            f"args: {vars(args)}")
+
+
+def train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, lr, state, preemption,
+                    steps):
+    batch_time = AverageMeter("Time", ":6.3f")
+    data_time = AverageMeter("Data", ":6.3f")
+    losses = AverageMeter("Loss", ":.4e")
+    top1 = AverageMeter("Acc@1", ":6.2f")
+    top5 = AverageMeter("Acc@5", ":6.2f")
+    progress = ProgressMeter(steps, [batch_time, data_time, losses, top1, top5], prefix=f"Epoch: [{epoch}]")
+    model.train()
+    start_step = state.step_in_epoch
+    epoch_start = end = time.time()
+    for i, (images, _) in enumerate(loader, start=start_step):
+        data_time.update(time.time() - end)
+        im_q, im_k = (to_device(x, ctx.device, args.channels_last) for x in images)
+        with precision.autocast():
+            logits, labels = model(im_q, im_k)
+            loss = builder.contrastive_loss(logits.float(), labels, args.symmetric)
+        stop_now = check_step(loss, preemption, ctx, epoch, i, args)
+        acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
+        losses.update(loss.item(), im_q.shape[0])
+        top1.update(acc1.item(), im_q.shape[0])
+        top5.update(acc5.item(), im_q.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward_and_step(loss, optimizer)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0:
+            images_per_s = im_q.shape[0] * ctx.world_size / max(batch_time.val, 1e-9)
+            log.info(progress.line(i, [f"LR {lr:.4g}", f"Img/s {images_per_s:.1f}"]))
+        if stop_now:
+            state.epoch, state.step_in_epoch = epoch, i + 1
+            path = save(args, model, optimizer, precision, state, ctx)
+            log.info(f"=> SIGTERM: saved {path} after step {i + 1} of epoch {epoch}; run the same command "
+                     f"again to resume there")
+            raise Preempted(path)
+    seconds = time.time() - epoch_start
+    done = steps - start_step
+    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "lr": lr, "steps": done,
+            "epoch_time_s": round(seconds, 3),
+            "images_per_s": round(done * loader.batch_size * ctx.world_size / max(seconds, 1e-9), 1)}
+
+
+def to_device(images, device, channels_last):
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def check_step(loss, preemption, ctx, epoch, step, args):
+    """Agree across processes on a non-finite loss (stop with an error) or a SIGTERM (save and stop)."""
+    flags = torch.tensor([0 if torch.isfinite(loss).item() else 1, int(preemption.received)],
+                         device=ctx.device)
+    nonfinite, preempted = all_reduce_sum(flags).tolist()
+    if nonfinite:
+        last = find_resume_checkpoint(args.output_dir, args.arch, log=lambda _: None)
+        raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; stopping before it "
+                        f"reaches the weights. Last good checkpoint: {last or 'none yet'}. "
+                        f"Try a lower --lr or check the data")
+    return bool(preempted)
+
+
+def save(args, model, optimizer, precision, state, ctx):
+    """Write a checkpoint (global rank 0 only) of SPEC's format plus what exact resumption needs."""
+    rng_states = [None] * ctx.world_size
+    torch.distributed.all_gather_object(rng_states, capture_rng_state())
+    name = pretrain_checkpoint_name(state.epoch - 1 if not state.step_in_epoch else state.epoch,
+                                    state.step_in_epoch)
+    path = os.path.join(args.output_dir, name)
+    if ctx.is_main:
+        save_checkpoint({
+            "epoch": state.epoch,
+            "arch": args.arch,
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step_in_epoch": state.step_in_epoch,
+            "data_seed": state.data_seed,
+            "args": {key: value for key, value in vars(args).items()},
+            "rng_states": rng_states,
+            "scaler": precision.state_dict(),
+        }, path)
+    return path
+
+
+def resume(path, model, optimizer, precision, state, ctx, log):
+    checkpoint = load_checkpoint(path, what="--resume checkpoint")
+    state_dict = checkpoint_state_dict(checkpoint, path)
+    if not next(iter(state_dict)).startswith("module."):
+        state_dict = {"module." + key: value for key, value in state_dict.items()}
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise UserError(f"--resume checkpoint '{path}' does not fit this model "
+                        f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})")
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    precision.load_state_dict(checkpoint.get("scaler"))
+    state.epoch = checkpoint.get("epoch", 0)
+    state.step_in_epoch = checkpoint.get("step_in_epoch", 0)
+    state.data_seed = checkpoint.get("data_seed", state.data_seed)
+    rng_states = checkpoint.get("rng_states")
+    if rng_states and len(rng_states) == ctx.world_size:
+        restore_rng_state(rng_states[ctx.rank])
+    log.info(f"=> resuming from '{path}' (epoch {state.epoch}, step {state.step_in_epoch} of it)")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args(), prog="main_moco.py")

@@ -1,0 +1,135 @@
+"""Checkpoints: atomic saves, loading with clear errors, RNG states, and finding where to resume.
+
+Pre-training checkpoints keep the reference format (`epoch`, `arch`, `state_dict` with `module.` keys,
+`optimizer`) and add what exact resumption needs. Everything stored is plain data (tensors, numbers,
+strings, lists, dicts), so every checkpoint loads with `torch.load(weights_only=True)`.
+"""
+import os
+import pickle
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+
+from moco.errors import UserError
+
+PRETRAIN_NAME = re.compile(r"^checkpoint_(\d{4,})(?:_iter(\d{6,}))?\.pth\.tar$")
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically: a killed save leaves the previous file intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Load a checkpoint dict on the CPU, or raise UserError naming the file and the problem."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} '{path}' does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what} '{path}' is a directory, not a checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            AttributeError, ImportError, IndexError, KeyError, TypeError, UnicodeDecodeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint ({first_line[:200]})")
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{what} '{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def checkpoint_state_dict(checkpoint, path, what="checkpoint"):
+    """The model weights of a loaded checkpoint (`state_dict`), or UserError if it has none."""
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise UserError(f"{what} '{path}' has no 'state_dict' of model weights")
+    return state_dict
+
+
+def capture_rng_state():
+    """The RNG states of python, numpy, torch (CPU) and every CUDA device, as plain python data
+    (lists of ints), which both `all_gather_object` and `torch.load(weights_only=True)` accept."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x
+                                                       for x in np_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda_states])
+
+
+def pretrain_checkpoint_name(epoch, step_in_epoch=0):
+    """`checkpoint_{epoch:04d}.pth.tar` after epoch `epoch`; a mid-epoch (preemption) save of
+    `step_in_epoch` finished steps of `epoch` is `checkpoint_{epoch:04d}_iter{step:06d}.pth.tar`."""
+    if step_in_epoch:
+        return f"checkpoint_{epoch:04d}_iter{step_in_epoch:06d}.pth.tar"
+    return f"checkpoint_{epoch:04d}.pth.tar"
+
+
+def pretrain_checkpoints(output_dir):
+    """Pre-training checkpoints in `output_dir`, newest progress first, as (path, progress) pairs.
+
+    Progress is (epochs completed, steps of the next epoch completed).
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = PRETRAIN_NAME.match(name)
+        if not match:
+            continue
+        epoch, step = int(match.group(1)), int(match.group(2) or 0)
+        progress = (epoch, step) if step else (epoch + 1, 0)
+        found.append((os.path.join(output_dir, name), progress))
+    return sorted(found, key=lambda item: item[1], reverse=True)
+
+
+def find_resume_checkpoint(output_dir, arch, log=print):
+    """The newest checkpoint in `output_dir` that loads and is this run's (same arch), or None.
+
+    Unreadable files are skipped with a note. Checkpoints of another architecture raise UserError,
+    because starting afresh there would later overwrite them.
+    """
+    for path, _ in pretrain_checkpoints(output_dir):
+        try:
+            checkpoint = load_checkpoint(path)
+            checkpoint_state_dict(checkpoint, path)
+        except UserError as err:
+            log(f"=> skipping {err}")
+            continue
+        if checkpoint.get("arch") != arch:
+            raise UserError(
+                f"--output-dir '{output_dir}' holds checkpoints of another run (arch "
+                f"'{checkpoint.get('arch')}', this run: '{arch}'); choose another --output-dir or pass "
+                f"--resume explicitly")
+        return path
+    return None

@@ -1,0 +1,60 @@
+"""Command-line flags both scripts share, with the reference's names, aliases, dests and defaults."""
+import argparse
+
+from moco.models import model_names
+
+
+def add_data_and_launch_args(parser, default_lr, default_epochs, default_schedule, default_wd):
+    """The flags of SPEC §4/§5 common to main_moco.py and main_lincls.py, then this project's additions."""
+    parser.add_argument("data", metavar="DIR", nargs="?", default=None,
+                        help="path to the dataset (ImageNet layout: DIR/train, DIR/val); "
+                             "omitted: the built-in synthetic dataset")
+    parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", choices=model_names(),
+                        help="model architecture: " + " | ".join(model_names()))
+    parser.add_argument("-j", "--workers", default=32, type=int, metavar="N",
+                        help="data loading workers per node (each of n processes gets ceil(j/n))")
+    parser.add_argument("--epochs", default=default_epochs, type=int, metavar="N",
+                        help="number of total epochs to run")
+    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+                        help="manual epoch number (useful on restarts)")
+    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                        help="mini-batch size: the total of all GPUs on ONE node; each process gets "
+                             "b / processes-per-node")
+    parser.add_argument("--lr", "--learning-rate", default=default_lr, type=float, metavar="LR",
+                        help="initial learning rate", dest="lr")
+    parser.add_argument("--schedule", default=list(default_schedule), nargs="*", type=int,
+                        help="learning rate schedule (when to drop lr by 10x)")
+    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum of SGD solver")
+    parser.add_argument("--wd", "--weight-decay", default=default_wd, type=float, metavar="W",
+                        help="weight decay", dest="weight_decay")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency")
+    parser.add_argument("--resume", default="", type=str, metavar="PATH",
+                        help="path to latest checkpoint")
+    parser.add_argument("--world-size", default=-1, type=int,
+                        help="number of nodes for distributed training")
+    parser.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
+    parser.add_argument("--dist-url", default="auto", type=str,
+                        help="url used to set up distributed training; 'auto': env:// under torchrun, "
+                             "the first SLURM node under srun, a free local port on one node")
+    parser.add_argument("--dist-backend", default="nccl", type=str,
+                        help="distributed backend (gloo is used on the CPU)")
+    parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
+    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
+    parser.add_argument("--multiprocessing-distributed", action="store_true",
+                        help="use multi-processing distributed training to launch N processes per node, "
+                             "which has N GPUs")
+    # additions of this project: all off or neutral by default
+    parser.add_argument("--crop-size", default=224, type=int, metavar="N", help="training crop size")
+    parser.add_argument("--cifar-stem", action="store_true",
+                        help="3x3 stride-1 first conv and no max-pool, for small (32-64 px) images")
+    parser.add_argument("--output-dir", default=".", type=str, metavar="DIR",
+                        help="where checkpoints and log.txt are written")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision on CUDA: bf16 autocast where supported, else fp16 + GradScaler")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+
+
+def make_parser(description):
+    return argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,0 +1,132 @@
+"""Image folders that fail clearly, survive bad files, and sample reproducibly across resumptions."""
+import os
+import random
+import sys
+
+import torch
+import torch.distributed  # noqa: F401  (DistributedSampler needs it imported)
+from torch.utils.data import DistributedSampler, Sampler, get_worker_info
+from torchvision import datasets
+
+from moco.errors import UserError
+
+# what PIL and the loader raise for unreadable, truncated or corrupt images
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError)
+MAX_CONSECUTIVE_BAD = 50
+
+
+def require_split(root, split):
+    """`root/split` as a path, or UserError saying which folder is missing."""
+    if not root:
+        raise UserError("no data folder given")
+    if not os.path.isdir(root):
+        raise UserError(f"data folder '{root}' does not exist or is not a directory")
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise UserError(f"data folder '{root}' has no '{split}' subfolder (expected the ImageNet layout "
+                        f"{root}/{split}/<class>/<image>)")
+    return path
+
+
+def sample_seed(data_seed, epoch, index):
+    """A seed for the augmentation of one sample in one epoch: independent of workers and resumes."""
+    return (data_seed * 1_000_003 + epoch * 10_000_019 + index) % (2**63 - 1)
+
+
+class RobustImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder that (1) reports an unreadable image once and returns the next good
+    sample instead of killing the run, counting them in shared memory, and (2) when indexed with
+    `(epoch, index)` pairs, draws that sample's augmentation from a seed of (data_seed, epoch, index),
+    so the data stream does not depend on the number of workers or on where a run was resumed.
+    """
+
+    def __init__(self, root, transform=None, data_seed=None):
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as err:
+            raise UserError(f"image folder '{root}': {str(err).strip()}") from None
+        if not self.samples:
+            raise UserError(f"image folder '{root}' holds no images")
+        self.data_seed = data_seed
+        self.bad_images = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._reported = set()
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except IMAGE_ERRORS as err:
+                self._report_bad(path, err)
+                continue
+            return self._transform(image, epoch, index), target
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in "
+                           f"'{self.root}'")
+
+    def _report_bad(self, path, err):
+        if path in self._reported:
+            return
+        self._reported.add(path)
+        self.bad_images.add_(1)
+        print(f"warning: skipping unreadable image '{path}' ({type(err).__name__}: {err})",
+              file=sys.stderr, flush=True)
+
+    def _transform(self, image, epoch, index):
+        if self.transform is None:
+            return image
+        if epoch is None or self.data_seed is None:
+            return self.transform(image)
+        seed = sample_seed(self.data_seed, epoch, index)
+        if get_worker_info() is not None:  # a worker's RNG belongs to the data alone
+            random.seed(seed)
+            torch.manual_seed(seed)
+            return self.transform(image)
+        # in the main process, leave the training RNG streams as they were
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            out = self.transform(image)
+        random.setstate(python_state)
+        return out
+
+
+class ResumableSampler(Sampler):
+    """DistributedSampler's order for one epoch (a world of one included), started after `start_step`
+    batches, yielding `(epoch, index)` pairs for RobustImageFolder's per-sample seeding."""
+
+    def __init__(self, dataset, num_replicas, rank, seed, batch_size):
+        self.inner = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                                        seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch = epoch
+        self.start_step = start_step
+        self.inner.set_epoch(epoch)
+
+    def steps_per_epoch(self):
+        return len(self.inner) // self.batch_size
+
+    def __iter__(self):
+        indices = list(self.inner)[self.start_step * self.batch_size:]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self):
+        return max(0, len(self.inner) - self.start_step * self.batch_size)
+
+
+class ShardSampler(Sampler):
+    """Every index exactly once over all processes (no padding): process r takes r, r+W, r+2W, ..."""
+
+    def __init__(self, num_samples, num_replicas, rank):
+        self.indices = list(range(rank, num_samples, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)

@@ -1,0 +1,248 @@
+"""Process-group helpers that also work with no process group at all (then they are identities)."""
+import torch
+import torch.distributed as dist
+
+
+def is_distributed():
+    """True inside an initialised process group (of any size, one included)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """Concatenate `tensor` from every process along dim 0, in rank order. Carries no gradient.
+
+    Every process must pass a tensor of the same shape. Without a process group, or in a world of one,
+    the input itself is returned.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def concat_all_gather_varlen(tensor):
+    """Like `concat_all_gather`, for tensors whose first dimension differs between processes."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = concat_all_gather(length).tolist()
+    longest = max(lengths)
+    padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = concat_all_gather(padded)
+    return torch.cat([gathered[r * longest:r * longest + n] for r, n in enumerate(lengths)])
+
+
+@torch.no_grad()
+def broadcast_from_main(tensor):
+    """Overwrite `tensor` in place with process 0's copy (no-op without a process group)."""
+    if get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor):
+    """Sum `tensor` over processes in place (no-op without a process group)."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launching: one code path for the reference flags, torchrun / SLURM, several local GPUs, one device.
+# ---------------------------------------------------------------------------------------------------
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import inspect  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from moco.errors import PREEMPTED_EXIT, Preempted, UserError  # noqa: E402
+
+
+@dataclass
+class LaunchPlan:
+    """How this run starts its processes.
+
+    mode: 'torchrun', 'slurm', 'spawn' (one process per local GPU, started here) or 'single'.
+    For 'spawn', `rank` is the first global rank on this node; each child adds its local index.
+    """
+    mode: str
+    world_size: int
+    procs_per_node: int
+    rank: int
+    local_rank: int
+    init_method: str
+
+    @property
+    def spawns(self):
+        return self.mode == "spawn"
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist):
+    """The first host of a SLURM node list such as 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise UserError(f"cannot read the SLURM node list '{nodelist}'")
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def _env_int(name, default=None):
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def plan_launch(args):
+    """Decide the launch mode from the environment and the reference flags."""
+    explicit_url = args.dist_url not in ("", "auto")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, or any env:// launcher
+        world = _env_int("WORLD_SIZE")
+        return LaunchPlan("torchrun", world, _env_int("LOCAL_WORLD_SIZE", world), _env_int("RANK"),
+                          _env_int("LOCAL_RANK", 0), args.dist_url if explicit_url else "env://")
+    if _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
+        world = _env_int("SLURM_NTASKS")
+        nodes = _env_int("SLURM_NNODES", 1)
+        if explicit_url:
+            url = args.dist_url
+        else:
+            host = os.environ.get("MASTER_ADDR") or first_slurm_host(
+                os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+            port = _env_int("MASTER_PORT") or 20000 + _env_int("SLURM_JOB_ID", 0) % 20000
+            url = f"tcp://{host}:{port}"
+        return LaunchPlan("slurm", world, max(1, world // nodes), _env_int("SLURM_PROCID"),
+                          _env_int("SLURM_LOCALID", 0), url)
+    gpus = torch.cuda.device_count()
+    if args.multiprocessing_distributed:
+        if gpus == 0:
+            raise UserError("--multiprocessing-distributed starts one process per CUDA GPU and this machine "
+                            "has none; use torchrun --nproc_per_node N for several CPU processes")
+        nodes = max(1, args.world_size)
+        if nodes > 1 and not explicit_url:
+            raise UserError("--world-size > 1 needs --dist-url tcp://HOST:PORT of the node with --rank 0")
+        if nodes > 1 and args.rank < 0:
+            raise UserError("--world-size > 1 needs --rank (this node's rank, 0 to world-size - 1)")
+        url = args.dist_url if explicit_url else f"tcp://127.0.0.1:{free_port()}"
+        return LaunchPlan("spawn", nodes * gpus, gpus, max(0, args.rank) * gpus, 0, url)
+    if gpus > 1 and args.gpu is None:  # a plain run on a multi-GPU node uses all of them
+        url = args.dist_url if explicit_url else f"tcp://127.0.0.1:{free_port()}"
+        return LaunchPlan("spawn", gpus, gpus, 0, 0, url)
+    return LaunchPlan("single", 1, 1, 0, 0, "single")
+
+
+@dataclass
+class ProcessContext:
+    """What a training process knows about its place in the run."""
+    rank: int
+    local_rank: int
+    world_size: int
+    procs_per_node: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _device_for(plan, local_rank, args):
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if plan.mode == "single":
+        return torch.device("cuda", args.gpu if args.gpu is not None else 0)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+@contextlib.contextmanager
+def process_group(plan, local_index, args):
+    """Initialise this process's group (a world of one included) and tear it down afterwards."""
+    local_rank = local_index if plan.spawns else plan.local_rank
+    rank = plan.rank + local_index if plan.spawns else plan.rank
+    device = _device_for(plan, local_rank, args)
+    backend = args.dist_backend if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=60)  # kNN monitors and checkpoint saves can take a while
+    if plan.mode == "single":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=plan.init_method, rank=rank,
+                                world_size=plan.world_size, timeout=timeout)
+    try:
+        yield ProcessContext(rank, local_rank, plan.world_size, plan.procs_per_node, device, backend)
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model, device, sync_buffers_each_step=True):
+    """DistributedDataParallel in every launch mode (so state_dict keys start with 'module.').
+
+    Buffers are made identical on every process at the start. With `sync_buffers_each_step=False`,
+    DDP skips re-broadcasting them before every forward: MoCo's queue and key encoder stay identical
+    on every process by construction, and rank 0, which writes checkpoints, never receives anything.
+    """
+    for buffer in model.buffers():
+        broadcast_from_main(buffer)
+    kwargs = {}
+    if not sync_buffers_each_step:
+        accepted = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        kwargs = ({"forward_sync_buffers": False} if "forward_sync_buffers" in accepted
+                  else {"broadcast_buffers": False})
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+
+
+def _spawned_entry(local_index, fn, plan, args):
+    try:
+        fn(local_index, plan, args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT)
+
+
+def run_processes(fn, plan, args):
+    """Run `fn(local_index, plan, args)` in this process, or once per local GPU for 'spawn'."""
+    if not plan.spawns:
+        return fn(0, plan, args)
+    import torch.multiprocessing as mp
+    try:
+        mp.spawn(_spawned_entry, nprocs=plan.procs_per_node, args=(fn, plan, args))
+    except mp.ProcessExitedException as err:  # the child already printed its one line
+        sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)

@@ -1,0 +1,55 @@
+"""Progress meters and top-k accuracy shared by both scripts."""
+import torch
+
+
+class AverageMeter:
+    """Keeps the latest value and the running average of a quantity."""
+
+    def __init__(self, name, fmt=":f"):
+        self.name = name
+        self.fmt = fmt
+        self.reset()
+
+    def reset(self):
+        self.val = 0.0
+        self.sum = 0.0
+        self.count = 0
+        self.avg = 0.0
+
+    def update(self, val, n=1):
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+        self.avg = self.sum / self.count
+
+    def __str__(self):
+        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(**self.__dict__)
+
+
+class ProgressMeter:
+    """Formats the familiar per-iteration line: `Epoch: [e][ i/n]  Time ...  Loss ...`."""
+
+    def __init__(self, num_batches, meters, prefix=""):
+        digits = len(str(num_batches))
+        self.batch_fmt = "[{:" + str(digits) + "d}/" + str(num_batches) + "]"
+        self.meters = meters
+        self.prefix = prefix
+
+    def line(self, batch, extra=()):
+        parts = [self.prefix + self.batch_fmt.format(batch)]
+        parts += [str(meter) for meter in self.meters]
+        parts += list(extra)
+        return "\t".join(parts)
+
+
+@torch.no_grad()
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracy in percent for each k, from logits `output` (N x C) and labels `target` (N).
+
+    Uses `reshape`, not `view`, so it works on the non-contiguous slices that newer PyTorch returns.
+    """
+    maxk = min(max(topk), output.shape[1])
+    batch_size = target.shape[0]
+    _, pred = output.topk(maxk, dim=1, largest=True, sorted=True)  # pred: N x maxk
+    correct = pred.t().eq(target.reshape(1, -1).expand(maxk, -1))  # correct: maxk x N
+    return [correct[:min(k, maxk)].reshape(-1).float().sum() * (100.0 / batch_size) for k in topk]

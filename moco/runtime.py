@@ -1,0 +1,96 @@
+"""Per-process training set-up shared by both scripts: batch split, seeding, precision, preemption."""
+import contextlib
+import math
+import random
+import signal
+import warnings
+
+import torch
+
+from moco.errors import UserError
+
+
+def per_process_batch(batch_size, procs_per_node):
+    """`-b` is the batch of one node (the reference's meaning); each process takes its share."""
+    if batch_size < procs_per_node:
+        raise UserError(f"--batch-size {batch_size} is smaller than the {procs_per_node} processes per "
+                        f"node; each process needs at least one image")
+    return batch_size // procs_per_node
+
+
+def workers_per_process(workers, procs_per_node):
+    return math.ceil(workers / procs_per_node)
+
+
+def seed_everything(seed):
+    """The reference's seeding: python and torch, and deterministic cuDNN (slower)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
+                  "which can slow down your training considerably! You may see unexpected behavior when "
+                  "restarting from checkpoints.")
+
+
+def check_amp(args):
+    if args.amp and not torch.cuda.is_available():
+        raise UserError("--amp needs a CUDA GPU and none is available; run without --amp on the CPU")
+
+
+class Precision:
+    """Autocast and loss scaling for `--amp`: bf16 where the GPU supports it (no scaler needed),
+    else fp16 with a GradScaler. Without `--amp` everything is fp32 and both are no-ops."""
+
+    def __init__(self, amp, device):
+        self.dtype = None
+        if amp and device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.device_type = device.type
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_and_step(self, loss, optimizer):
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state):
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def describe(self):
+        return "fp32" if self.dtype is None else f"amp {str(self.dtype).replace('torch.', '')}"
+
+
+class PreemptionSignal:
+    """Remembers a SIGTERM (cluster preemption) so the loop can save at the next step and stop."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
