@@ -14,7 +14,7 @@ from moco import builder, cli, knn
 from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint,
                              load_checkpoint, pretrain_checkpoint_name, restore_rng_state,
                              save_checkpoint)
-from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, require_split
+from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
 from moco.distributed import (all_reduce_sum, broadcast_from_main, plan_launch, process_group,
                               run_processes, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
@@ -23,7 +23,7 @@ from moco.logs import RunLog
 from moco.meters import AverageMeter, ProgressMeter, accuracy
 from moco.models import model_constructor
 from moco.runtime import (Precision, PreemptionSignal, check_amp, per_process_batch,
-                          seed_everything, workers_per_process)
+                          seed_everything, to_device, workers_per_process)
 from moco.schedule import adjust_learning_rate
 
 
@@ -174,14 +174,6 @@ def build_model(args, ctx):
     return wrap_ddp(model, ctx.device, sync_buffers_each_step=False), base
 
 
-def make_loader(dataset, sampler, batch, workers, device, drop_last):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator())  # its own generator: the loader never draws from the training RNG
-
-
 def make_knn_loaders(args, ctx, batch, workers):
     transform = linear_val_transform(args.crop_size)
     bank = RobustImageFolder(os.path.join(args.data, "train"), transform)
@@ -240,11 +232,6 @@ def train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, 
     return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "lr": lr, "steps": done,
             "epoch_time_s": round(seconds, 3),
             "images_per_s": round(done * loader.batch_size * ctx.world_size / max(seconds, 1e-9), 1)}
-
-
-def to_device(images, device, channels_last):
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def check_step(loss, preemption, ctx, epoch, step, args):

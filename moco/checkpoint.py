@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -29,6 +30,17 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def copy_checkpoint(src, dst):
+    """Copy a checkpoint file atomically (used for model_best.pth.tar)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -5,7 +5,7 @@ import sys
 
 import torch
 import torch.distributed  # noqa: F401  (DistributedSampler needs it imported)
-from torch.utils.data import DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets
 
 from moco.errors import UserError
@@ -90,6 +90,15 @@ class RobustImageFolder(datasets.ImageFolder):
             out = self.transform(image)
         random.setstate(python_state)
         return out
+
+
+def make_loader(dataset, sampler, batch, workers, device, drop_last):
+    """A DataLoader with persistent, prefetching workers and pinned memory on CUDA."""
+    return DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator())  # its own generator: the loader never draws from the training RNG
 
 
 class ResumableSampler(Sampler):

@@ -43,13 +43,18 @@ class ProgressMeter:
 
 
 @torch.no_grad()
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracy in percent for each k, from logits `output` (N x C) and labels `target` (N).
+def topk_correct(output, target, topk=(1,)):
+    """How many of the N rows of `output` (N x C logits) have `target` among their top k, for each k.
 
-    Uses `reshape`, not `view`, so it works on the non-contiguous slices that newer PyTorch returns.
+    Uses `reshape`, not `view`, so it works on the non-contiguous tensors that newer PyTorch returns.
     """
     maxk = min(max(topk), output.shape[1])
-    batch_size = target.shape[0]
     _, pred = output.topk(maxk, dim=1, largest=True, sorted=True)  # pred: N x maxk
     correct = pred.t().eq(target.reshape(1, -1).expand(maxk, -1))  # correct: maxk x N
-    return [correct[:min(k, maxk)].reshape(-1).float().sum() * (100.0 / batch_size) for k in topk]
+    return [correct[:min(k, maxk)].reshape(-1).float().sum() for k in topk]
+
+
+@torch.no_grad()
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracy in percent for each k, from logits `output` (N x C) and labels `target` (N)."""
+    return [count * (100.0 / target.shape[0]) for count in topk_correct(output, target, topk)]

@@ -32,6 +32,12 @@ def seed_everything(seed):
                   "restarting from checkpoints.")
 
 
+def to_device(images, device, channels_last=False):
+    """Copy a batch to the device without blocking the host, NHWC when asked."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
 def check_amp(args):
     if args.amp and not torch.cuda.is_available():
         raise UserError("--amp needs a CUDA GPU and none is available; run without --amp on the CPU")

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Linear classification on frozen MoCo features (He et al. 2019, Sec. 4.1 protocol).
+
+Every backbone tensor is frozen and the network runs in eval() mode, so BN statistics never change;
+only fc.weight and fc.bias are trained, by SGD with a step schedule.
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from moco import cli
+from moco.checkpoint import checkpoint_state_dict, copy_checkpoint, load_checkpoint, save_checkpoint
+from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
+from moco.distributed import all_reduce_sum, plan_launch, process_group, run_processes, wrap_ddp
+from moco.errors import UserError, run_cli
+from moco.loader import linear_train_transform, linear_val_transform
+from moco.logs import RunLog
+from moco.meters import AverageMeter, ProgressMeter, accuracy, topk_correct
+from moco.models import model_constructor
+from moco.runtime import (Precision, check_amp, per_process_batch, seed_everything, to_device,
+                          workers_per_process)
+from moco.schedule import adjust_learning_rate
+
+FC_KEYS = {"fc.weight", "fc.bias"}
+
+
+def get_args_parser():
+    parser = cli.make_parser("Linear classification on frozen MoCo features")
+    cli.add_data_and_launch_args(parser, default_lr=30.0, default_epochs=100, default_schedule=[60, 80],
+                                 default_wd=0.0)
+    parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
+                        help="evaluate model on validation set")
+    parser.add_argument("--pretrained", default="", type=str, help="path to moco pretrained checkpoint")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading MoCo weights into a plain classifier.
+# --------------------------------------------------------------------------------------------------
+def backbone_from_moco(checkpoint, path):
+    """The query encoder's weights without its fc head, with plain torchvision names."""
+    state_dict = checkpoint_state_dict(checkpoint, path, what="--pretrained checkpoint")
+    backbone = {}
+    for key, value in state_dict.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name.startswith("encoder_q.") and not name.startswith("encoder_q.fc"):
+            backbone[name[len("encoder_q."):]] = value
+    if not backbone:
+        raise UserError(f"--pretrained checkpoint '{path}' is not a MoCo pre-training checkpoint "
+                        f"(it has no module.encoder_q.* weights)")
+    return backbone
+
+
+def load_pretrained(model, path, arch):
+    """Load the MoCo backbone into `model`; only fc.weight and fc.bias may be left missing."""
+    checkpoint = load_checkpoint(path, what="--pretrained checkpoint")
+    backbone = backbone_from_moco(checkpoint, path)
+    trained_arch = checkpoint.get("arch")
+    if trained_arch is not None and trained_arch != arch:
+        raise UserError(f"--pretrained checkpoint '{path}' was trained with --arch {trained_arch}, "
+                        f"this run uses --arch {arch}")
+    model_state = model.state_dict()
+    for key, value in backbone.items():
+        if key not in model_state or model_state[key].shape != value.shape:
+            found = tuple(model_state[key].shape) if key in model_state else "no such tensor"
+            raise UserError(f"--pretrained checkpoint '{path}' does not fit --arch {arch}: '{key}' has shape "
+                            f"{tuple(value.shape)} there, {found} here (another architecture or stem?)")
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    if set(missing) != FC_KEYS or unexpected:
+        raise UserError(f"--pretrained checkpoint '{path}' does not fit --arch {arch}: missing "
+                        f"{sorted(set(missing) - FC_KEYS)[:5]}, unexpected {unexpected[:5]}")
+    return backbone
+
+
+def sanity_check(model_state, pretrained_backbone):
+    """Every non-fc tensor must equal the pretrained one: the backbone is frozen (BN statistics too)."""
+    for key, value in pretrained_backbone.items():
+        current = model_state["module." + key] if "module." + key in model_state else model_state[key]
+        if not torch.equal(current.cpu(), value.cpu()):
+            raise UserError(f"sanity check failed: backbone tensor '{key}' changed during linear "
+                            f"training; the frozen-feature protocol is broken")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before any process starts.
+# --------------------------------------------------------------------------------------------------
+def preflight(args, plan):
+    check_amp(args)
+    require_split(args.data, "val")
+    if not args.evaluate:
+        require_split(args.data, "train")
+    per_process_batch(args.batch_size, plan.procs_per_node)
+    if args.pretrained:
+        model = model_constructor(args.arch, args.cifar_stem)()
+        load_pretrained(model, args.pretrained, args.arch)
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, what="--resume checkpoint")
+        checkpoint_state_dict(checkpoint, args.resume, what="--resume checkpoint")
+        if "best_acc1" not in checkpoint:
+            raise UserError(f"--resume checkpoint '{args.resume}' is not a linear-classification checkpoint "
+                            f"(no best_acc1); to start from MoCo weights use --pretrained")
+        if checkpoint.get("arch", args.arch) != args.arch:
+            raise UserError(f"--resume checkpoint '{args.resume}' was trained with --arch "
+                            f"{checkpoint['arch']}, this run uses --arch {args.arch}")
+
+
+def main(args):
+    if args.data is None:
+        from moco.synthetic import default_dataset
+        args.data = default_dataset(log=print)
+    plan = plan_launch(args)
+    preflight(args, plan)
+    return run_processes(lincls_process, plan, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# One process.
+# --------------------------------------------------------------------------------------------------
+def build_classifier(args, num_classes, device):
+    model = model_constructor(args.arch, args.cifar_stem)(num_classes=num_classes)
+    for name, param in model.named_parameters():
+        param.requires_grad = name in FC_KEYS
+    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    backbone = load_pretrained(model, args.pretrained, args.arch) if args.pretrained else None
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, backbone
+
+
+def lincls_process(local_index, plan, args):
+    with process_group(plan, local_index, args) as ctx:
+        log = RunLog(args.output_dir, ctx.is_main)
+        if args.seed is not None:
+            seed_everything(args.seed)
+        torch.backends.cudnn.benchmark = args.seed is None
+        batch = per_process_batch(args.batch_size, ctx.procs_per_node)
+        workers = workers_per_process(args.workers, ctx.procs_per_node)
+        val_set = RobustImageFolder(os.path.join(args.data, "val"), linear_val_transform(args.crop_size))
+        train_set = None if args.evaluate else RobustImageFolder(
+            os.path.join(args.data, "train"), linear_train_transform(args.crop_size),
+            data_seed=args.seed if args.seed is not None else 0)
+        if train_set is not None and train_set.classes != val_set.classes:
+            raise UserError(f"the class folders of '{args.data}/train' and '{args.data}/val' differ")
+        model, backbone = build_classifier(args, len(val_set.classes), ctx.device)
+        if args.compile:
+            model.compile()
+        model = wrap_ddp(model, ctx.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert len(params) == 2, "only fc.weight and fc.bias are trained"
+        optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        precision = Precision(args.amp, ctx.device)
+        best_acc1 = 0.0
+        if args.resume:
+            best_acc1 = resume(args, model, optimizer, log)
+        val_loader = make_loader(val_set, ShardSampler(len(val_set), ctx.world_size, ctx.rank), batch,
+                                 workers, ctx.device, drop_last=False)
+        log.info(f"=> world size {ctx.world_size} ({ctx.procs_per_node} per node, backend {ctx.backend}, "
+                 f"device {ctx.device}), per-process batch {batch}, {workers} loader workers per process, "
+                 f"{precision.describe()}, {len(val_set.classes)} classes; args: {vars(args)}")
+        if args.evaluate:
+            acc1, acc5 = validate(val_loader, model, precision, args, ctx, log)
+            log.info(f"=> evaluation: Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} on {len(val_set)} images")
+            return {"acc1": acc1, "acc5": acc5}
+        sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, train_set.data_seed, batch)
+        if sampler.steps_per_epoch() == 0:
+            raise UserError(f"the {len(train_set)} training images give no full batch of {batch} per process")
+        train_loader = make_loader(train_set, sampler, batch, workers, ctx.device, drop_last=True)
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            lr = adjust_learning_rate(optimizer, epoch, args)
+            train_stats = train_one_epoch(train_loader, model, optimizer, precision, epoch, lr, args, ctx, log)
+            acc1, acc5 = validate(val_loader, model, precision, args, ctx, log)
+            is_best = acc1 > best_acc1
+            best_acc1 = max(acc1, best_acc1)
+            if ctx.is_main:
+                save_linear(args, epoch, model, optimizer, best_acc1, is_best)
+            if epoch == args.start_epoch and backbone is not None:
+                sanity_check(model.state_dict(), backbone)
+            log.record({"epoch": epoch, **train_stats, "val_acc1": acc1, "val_acc5": acc5,
+                        "best_acc1": best_acc1})
+        log.info(f"=> best top-1 {best_acc1:.3f}; checkpoint.pth.tar and model_best.pth.tar in "
+                 f"{os.path.abspath(args.output_dir)}")
+        return {"best_acc1": best_acc1}
+
+
+def resume(args, model, optimizer, log):
+    checkpoint = load_checkpoint(args.resume, what="--resume checkpoint")
+    state_dict = checkpoint_state_dict(checkpoint, args.resume)
+    if not next(iter(state_dict)).startswith("module."):
+        state_dict = {"module." + key: value for key, value in state_dict.items()}
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise UserError(f"--resume checkpoint '{args.resume}' does not fit --arch {args.arch} "
+                        f"({str(err).strip().splitlines()[-1].strip()[:200]})")
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    args.start_epoch = checkpoint.get("epoch", args.start_epoch)
+    log.info(f"=> resuming from '{args.resume}' (epoch {args.start_epoch}, best top-1 "
+             f"{checkpoint['best_acc1']:.3f})")
+    return float(checkpoint["best_acc1"])
+
+
+def save_linear(args, epoch, model, optimizer, best_acc1, is_best):
+    path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+    save_checkpoint({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
+                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict()}, path)
+    if is_best:
+        copy_checkpoint(path, os.path.join(args.output_dir, "model_best.pth.tar"))
+
+
+def train_one_epoch(loader, model, optimizer, precision, epoch, lr, args, ctx, log):
+    batch_time = AverageMeter("Time", ":6.3f")
+    data_time = AverageMeter("Data", ":6.3f")
+    losses = AverageMeter("Loss", ":.4e")
+    top1 = AverageMeter("Acc@1", ":6.2f")
+    top5 = AverageMeter("Acc@5", ":6.2f")
+    progress = ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
+                             prefix=f"Epoch: [{epoch}]")
+    # eval(): under the frozen-feature protocol BN statistics must not change
+    model.eval()
+    criterion = nn.CrossEntropyLoss()
+    end = time.time()
+    for i, (images, target) in enumerate(loader):
+        data_time.update(time.time() - end)
+        images, target = to_device(images, ctx.device, args.channels_last), target.to(ctx.device)
+        with precision.autocast():
+            output = model(images)
+            loss = criterion(output.float(), target)
+        if not torch.isfinite(loss).item():
+            raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {i}; try a lower --lr")
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        losses.update(loss.item(), images.shape[0])
+        top1.update(acc1.item(), images.shape[0])
+        top5.update(acc5.item(), images.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward_and_step(loss, optimizer)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0:
+            log.info(progress.line(i, [f"LR {lr:.4g}"]))
+    return {"train_loss": losses.avg, "train_acc1": top1.avg, "train_acc5": top5.avg, "lr": lr}
+
+
+@torch.no_grad()
+def validate(loader, model, precision, args, ctx, log):
+    """Top-1/top-5 over the whole val set, each image counted once across processes."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct@1, correct@5, images
+    for images, target in loader:
+        images, target = to_device(images, ctx.device, args.channels_last), target.to(ctx.device)
+        with precision.autocast():
+            output = model(images)
+        correct1, correct5 = topk_correct(output.float(), target, topk=(1, 5))
+        totals += torch.stack([correct1, correct5, correct1.new_tensor(images.shape[0])]).to(totals.dtype)
+    correct1, correct5, count = all_reduce_sum(totals).tolist()
+    acc1, acc5 = 100.0 * correct1 / max(count, 1), 100.0 * correct5 / max(count, 1)
+    log.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(count)} images)")
+    return acc1, acc5
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args(), prog="main_lincls.py")

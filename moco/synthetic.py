@@ -1,0 +1,319 @@
+"""A built-in, procedurally generated image data set for trying MoCo without ImageNet.
+
+`generate(root, ...)` writes an ImageFolder tree, `root/train/<class>/*.png` and `root/val/<class>/*.png`,
+that main_moco.py and main_lincls.py read like ImageNet. Each image shows one to a few copies of its
+class's shape (disk, square, triangle, plus, ring, star, ...) over a background. The class is the shape
+alone: the colours of the shapes and of the background, the kind of background, the number of copies,
+their positions, sizes and rotations are drawn independently of the class, so they carry no label
+information. Random-init features lean on colour and layout and score low; the invariances that MoCo
+learns from its augmentations (crops, colour jitter, grayscale, blur, flips) leave the shape, which is
+what the class is.
+
+Everything is drawn from numpy's PCG64 generator seeded from (seed, split, index), so the same
+arguments give the same bytes, image by image. `metadata.csv` at the root lists every image's label and
+nuisance factors. `ensure_dataset(...)` generates once into a cache folder (atomically: a temporary
+folder renamed into place) and returns its path.
+"""
+import csv
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Bump when the drawing changes, so that cached data sets made by an older generator are not reused.
+GENERATOR_VERSION = 1
+
+SPLITS = ("train", "val")
+BACKGROUNDS = ("solid", "gradient", "noise")
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
+
+# Defaults: the settings of the one-command CPU demo (see the README).
+DEFAULT_NUM_CLASSES = 10
+DEFAULT_TRAIN_PER_CLASS = 500
+DEFAULT_VAL_PER_CLASS = 100
+DEFAULT_IMAGE_SIZE = 32
+DEFAULT_OBJECTS = (1, 3)
+DEFAULT_SCALE = (0.14, 0.32)  # radius of a shape as a fraction of the image side
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes: each draws a white (255) mask of one shape of radius r centred at (cx, cy), rotated by angle
+# (radians), on an 'L' image. Class identity never depends on the rotation.
+
+def _polygon(n, r, cx, cy, angle, radii=None):
+    pts = []
+    for i in range(n):
+        a = angle + 2 * math.pi * i / n
+        rr = r if radii is None else r * radii[i % len(radii)]
+        pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+    return pts
+
+
+def _rotated(points, r, cx, cy, angle):
+    """Unit-frame points -> image coordinates (scaled by r, rotated by angle, moved to (cx, cy))."""
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
+
+
+def _disk(draw, r, cx, cy, angle):
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+
+
+def _square(draw, r, cx, cy, angle):
+    draw.polygon(_polygon(4, r, cx, cy, angle), fill=255)
+
+
+def _triangle(draw, r, cx, cy, angle):
+    draw.polygon(_polygon(3, r * 1.1, cx, cy, angle), fill=255)
+
+
+def _plus(draw, r, cx, cy, angle):
+    w = 0.3
+    for bar in ([(-1, -w), (1, -w), (1, w), (-1, w)], [(-w, -1), (w, -1), (w, 1), (-w, 1)]):
+        draw.polygon(_rotated(bar, r, cx, cy, angle), fill=255)
+
+
+def _ring(draw, r, cx, cy, angle):
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    q = 0.55 * r
+    draw.ellipse([cx - q, cy - q, cx + q, cy + q], fill=0)
+
+
+def _star(draw, r, cx, cy, angle):
+    draw.polygon(_polygon(10, r * 1.05, cx, cy, angle, radii=(1.0, 0.42)), fill=255)
+
+
+def _crescent(draw, r, cx, cy, angle):
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    ox, oy = cx + 0.55 * r * math.cos(angle), cy + 0.55 * r * math.sin(angle)
+    q = 0.85 * r
+    draw.ellipse([ox - q, oy - q, ox + q, oy + q], fill=0)
+
+
+def _bar(draw, r, cx, cy, angle):
+    draw.polygon(_rotated([(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)], r, cx, cy, angle), fill=255)
+
+
+def _arrow(draw, r, cx, cy, angle):
+    pts = [(-1, -0.22), (0.1, -0.22), (0.1, -0.6), (1, 0), (0.1, 0.6), (0.1, 0.22), (-1, 0.22)]
+    draw.polygon(_rotated(pts, r, cx, cy, angle), fill=255)
+
+
+def _frame(draw, r, cx, cy, angle):
+    draw.polygon(_polygon(4, r, cx, cy, angle), fill=255)
+    draw.polygon(_polygon(4, 0.55 * r, cx, cy, angle), fill=0)
+
+
+SHAPES = (
+    ("disk", _disk), ("square", _square), ("triangle", _triangle), ("plus", _plus), ("ring", _ring),
+    ("star", _star), ("crescent", _crescent), ("bar", _bar), ("arrow", _arrow), ("frame", _frame),
+)
+CLASS_NAMES = tuple(name for name, _ in SHAPES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Colours and backgrounds
+
+def _luma(rgb):
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _contrasting_colour(rng, other, min_contrast):
+    """A random RGB colour (floats in [0, 1]) whose luma differs from `other`'s by >= min_contrast."""
+    for _ in range(100):
+        c = rng.random(3)
+        if abs(_luma(c) - _luma(other)) >= min_contrast:
+            return c
+    # unreachable in practice; a deterministic fallback keeps the shape visible
+    return np.ones(3) if _luma(other) < 0.5 else np.zeros(3)
+
+
+def _background(rng, kind, size, base):
+    """An H x W x 3 float background around the colour `base`."""
+    if kind == "solid":
+        return np.broadcast_to(base, (size, size, 3)).copy()
+    if kind == "gradient":
+        # a linear ramp between `base` and a second colour of similar luma, in a random direction
+        other = np.clip(base + rng.uniform(-0.25, 0.25, 3), 0, 1)
+        a = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1) - 0.5
+        t = (xs * math.cos(a) + ys * math.sin(a)) / math.sqrt(0.5) + 0.5  # in [0, 1]
+        t = np.clip(t, 0, 1)[..., None]
+        return base * (1 - t) + other * t
+    if kind == "noise":
+        # smooth blotches: a coarse random grid bilinearly upsampled, +-0.15 around `base`
+        g = 4
+        coarse = rng.uniform(-0.15, 0.15, (g, g, 3))
+        up = np.asarray(Image.fromarray(((coarse + 0.15) / 0.3 * 255).astype(np.uint8)).resize(
+            (size, size), Image.BILINEAR), dtype=np.float64) / 255 * 0.3 - 0.15
+        return np.clip(base + up, 0, 1)
+    raise ValueError(f"unknown background kind {kind!r}; choose from {BACKGROUNDS}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image
+
+def draw_image(rng, label, image_size=DEFAULT_IMAGE_SIZE, objects=DEFAULT_OBJECTS, scale=DEFAULT_SCALE,
+               backgrounds=BACKGROUNDS, min_contrast=0.25):
+    """Draw one image of class `label` with `rng`; return (PIL RGB image, dict of nuisance factors).
+
+    The draws (and their order) never depend on `label`, except the one that picks the shape's outline.
+    """
+    size = image_size
+    kind = backgrounds[int(rng.integers(len(backgrounds)))]
+    bg_colour = rng.random(3)
+    canvas = _background(rng, kind, size, bg_colour)
+    n = int(rng.integers(objects[0], objects[1] + 1))
+    hi = size * SUPERSAMPLE
+    fg_colours, radii, xs, ys, angles = [], [], [], [], []
+    shape_fn = SHAPES[label][1]
+    for _ in range(n):
+        colour = _contrasting_colour(rng, bg_colour, min_contrast)
+        r = rng.uniform(scale[0], scale[1]) * size
+        cx = rng.uniform(r * 0.8, size - r * 0.8)
+        cy = rng.uniform(r * 0.8, size - r * 0.8)
+        angle = rng.uniform(0, 2 * math.pi)
+        mask = Image.new("L", (hi, hi), 0)
+        shape_fn(ImageDraw.Draw(mask), r * SUPERSAMPLE, cx * SUPERSAMPLE, cy * SUPERSAMPLE, angle)
+        alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float64)[..., None] / 255.0
+        canvas = canvas * (1 - alpha) + colour * alpha
+        fg_colours.append(colour)
+        radii.append(r / size)
+        xs.append(cx / size)
+        ys.append(cy / size)
+        angles.append(angle)
+    image = Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), "RGB")
+    fg = np.mean(fg_colours, axis=0)
+    factors = {
+        "background": kind,
+        "bg_r": round(float(bg_colour[0]), 4), "bg_g": round(float(bg_colour[1]), 4),
+        "bg_b": round(float(bg_colour[2]), 4),
+        "fg_r": round(float(fg[0]), 4), "fg_g": round(float(fg[1]), 4), "fg_b": round(float(fg[2]), 4),
+        "objects": n,
+        "scale": round(float(np.mean(radii)), 4),
+        "x": round(float(np.mean(xs)), 4), "y": round(float(np.mean(ys)), 4),
+        "angle": round(float(np.mean(angles)), 4),
+    }
+    return image, factors
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ImageFolder tree
+
+METADATA_FIELDS = ("split", "path", "label", "class_name", "background", "bg_r", "bg_g", "bg_b",
+                   "fg_r", "fg_g", "fg_b", "objects", "scale", "x", "y", "angle")
+
+
+def _check_args(num_classes, train_per_class, val_per_class, image_size):
+    if not 2 <= num_classes <= len(SHAPES):
+        raise ValueError(f"num_classes must be between 2 and {len(SHAPES)}, got {num_classes}")
+    if train_per_class < 1 or val_per_class < 1:
+        raise ValueError("train_per_class and val_per_class must be at least 1")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8, got {image_size}")
+
+
+def generate(root, seed=0, num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFAULT_TRAIN_PER_CLASS,
+             val_per_class=DEFAULT_VAL_PER_CLASS, image_size=DEFAULT_IMAGE_SIZE, objects=DEFAULT_OBJECTS,
+             scale=DEFAULT_SCALE, backgrounds=BACKGROUNDS):
+    """Write the data set under `root` (created if missing) and return `root`.
+
+    Layout: `root/train/<class>/<class>_<index>.png`, `root/val/...` likewise, and `root/metadata.csv`
+    with one row per image (split, path relative to root, label, class name and nuisance factors).
+    Class folders are named `<label>_<shape>` (e.g. `00_disk`) so that ImageFolder's sorted order is the
+    label order. Same arguments, same bytes.
+    """
+    _check_args(num_classes, train_per_class, val_per_class, image_size)
+    objects = tuple(int(v) for v in objects)
+    scale = tuple(float(v) for v in scale)
+    backgrounds = tuple(backgrounds)
+    rows = []
+    counts = {"train": train_per_class, "val": val_per_class}
+    for split_id, split in enumerate(SPLITS):
+        for label in range(num_classes):
+            cls = f"{label:02d}_{SHAPES[label][0]}"
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(counts[split]):
+                # one independent stream per image: parallel-safe, and adding classes or images leaves
+                # the others unchanged
+                rng = np.random.default_rng([seed, split_id, label, i])
+                image, factors = draw_image(rng, label, image_size, objects, scale, backgrounds)
+                rel = f"{split}/{cls}/{cls}_{i:05d}.png"
+                image.save(os.path.join(root, rel), format="PNG", compress_level=1)
+                rows.append({"split": split, "path": rel, "label": label, "class_name": SHAPES[label][0],
+                             **factors})
+    with open(os.path.join(root, "metadata.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METADATA_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def read_metadata(root):
+    """The rows of `root/metadata.csv` as dicts (numbers converted)."""
+    out = []
+    with open(os.path.join(root, "metadata.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            for k in ("label", "objects"):
+                row[k] = int(row[k])
+            for k in ("bg_r", "bg_g", "bg_b", "fg_r", "fg_g", "fg_b", "scale", "x", "y", "angle"):
+                row[k] = float(row[k])
+            out.append(row)
+    return out
+
+
+def dataset_name(seed=0, num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFAULT_TRAIN_PER_CLASS,
+                 val_per_class=DEFAULT_VAL_PER_CLASS, image_size=DEFAULT_IMAGE_SIZE):
+    """The cache folder's name: every argument that changes the bytes, and the generator version."""
+    return (f"shapes-v{GENERATOR_VERSION}-c{num_classes}-train{train_per_class}-val{val_per_class}"
+            f"-px{image_size}-seed{seed}")
+
+
+def default_cache_dir():
+    """`$MOCO_DATA_CACHE` if set, else `~/.cache/moco-synthetic`."""
+    return os.environ.get("MOCO_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "moco-synthetic")
+
+
+def ensure_dataset(cache_dir=None, seed=0, num_classes=DEFAULT_NUM_CLASSES,
+                   train_per_class=DEFAULT_TRAIN_PER_CLASS, val_per_class=DEFAULT_VAL_PER_CLASS,
+                   image_size=DEFAULT_IMAGE_SIZE):
+    """Return the path of the cached data set with these arguments, generating it first if needed.
+
+    The data are written into a temporary folder beside the final one and renamed into place, so a
+    generation that is killed never leaves a half data set under the final name (at most a `.tmp-*`
+    folder, which later calls ignore). Two processes racing keep whichever finished first.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    _check_args(num_classes, train_per_class, val_per_class, image_size)
+    final = os.path.join(cache_dir, dataset_name(seed, num_classes, train_per_class, val_per_class,
+                                                 image_size))
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=cache_dir)
+    try:
+        generate(tmp, seed=seed, num_classes=num_classes, train_per_class=train_per_class,
+                 val_per_class=val_per_class, image_size=image_size)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):  # not a lost race: a real error
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def describe(num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFAULT_TRAIN_PER_CLASS,
+             val_per_class=DEFAULT_VAL_PER_CLASS, image_size=DEFAULT_IMAGE_SIZE, seed=0):
+    """One line saying what the data set is."""
+    names = ", ".join(CLASS_NAMES[:num_classes])
+    return (f"synthetic shapes (v{GENERATOR_VERSION}, seed {seed}): {num_classes} classes ({names}), "
+            f"{train_per_class} train + {val_per_class} val images per class, {image_size}x{image_size} "
+            f"RGB; colours, background, count, position, size and rotation are random and label-free")
