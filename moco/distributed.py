@@ -1,6 +1,18 @@
-"""Process-group helpers that also work with no process group at all (then they are identities)."""
+"""Process-group helpers that also work with no process group at all (then they are identities),
+and the launcher that gives every launch mode one code path."""
+import contextlib
+import datetime
+import inspect
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+from moco.errors import PREEMPTED_EXIT, Preempted, UserError
 
 
 def is_distributed():
@@ -75,16 +87,6 @@ def all_reduce_sum(tensor):
 # ---------------------------------------------------------------------------------------------------
 # Launching: one code path for the reference flags, torchrun / SLURM, several local GPUs, one device.
 # ---------------------------------------------------------------------------------------------------
-import contextlib  # noqa: E402
-import datetime  # noqa: E402
-import inspect  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from moco.errors import PREEMPTED_EXIT, Preempted, UserError  # noqa: E402
 
 
 @dataclass
