@@ -56,8 +56,9 @@ def load_checkpoint(path, what="checkpoint"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             AttributeError, ImportError, IndexError, KeyError, TypeError, UnicodeDecodeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint ({first_line[:200]})")
+        # the safe loader also refuses files holding arbitrary python objects: we never run their code
+        raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint: corrupt, truncated, or "
+                        f"holding more than tensors and plain data ({type(err).__name__})") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{what} '{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
