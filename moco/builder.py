@@ -206,6 +206,8 @@ class MoCo(nn.Module):
             Symmetric: logits 2N x (1+K), rows [0, N) with im_q as queries against keys of im_k and rows
             [N, 2N) the other way round; both key batches are enqueued afterwards.
         """
+        # fail before anything changes (key encoder, BN statistics) when the queue cannot take the keys
+        check_queue_divisible(self.K, self.keys_per_step(im_q.shape[0] * get_world_size()))
         q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: N x C
         with torch.no_grad():
             self._momentum_update_key_encoder()

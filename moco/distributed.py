@@ -46,7 +46,7 @@ def concat_all_gather(tensor):
     """
     world_size = get_world_size()
     if world_size == 1:
-        return tensor
+        return tensor.detach()
     tensor = tensor.contiguous()
     gathered = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor)
@@ -81,6 +81,14 @@ def all_reduce_sum(tensor):
     """Sum `tensor` over processes in place (no-op without a process group)."""
     if get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
+def all_reduce_max(tensor):
+    """Element-wise maximum of `tensor` over processes in place (no-op without a process group)."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

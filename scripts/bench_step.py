@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Training-step speed of moco.builder.MoCo against the plain reference-style MoCo of tests/reference_moco.py.
+
+One step = forward (query and key encoders, shuffle, logits) + cross-entropy + backward + SGD step, on
+random images already on the device (no data loading). Both models start from the same weights and
+queue and consume the same random numbers. Rounds are interleaved (A B, B A, A B, ...) so that noise
+from other work on the machine hits both alike; the reported throughput uses the median step time.
+
+    python scripts/bench_step.py                       # ResNet-18, batch 32, 64 x 64 crops, K 4096, CPU or GPU
+    python scripts/bench_step.py --mlp --json out.json
+
+`run(args)` returns the results as a dict (args: an argparse.Namespace from `parse_args`, or a dict of
+overrides of its defaults), for scripts that collect several benchmarks.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+from moco.builder import MoCo, contrastive_loss  # noqa: E402
+
+
+def load_reference():
+    """tests/reference_moco.py, imported from its path (tests/ is not a package)."""
+    path = os.path.join(REPO_ROOT, "tests", "reference_moco.py")
+    spec = importlib.util.spec_from_file_location("reference_moco", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet18", help="torchvision model constructor (default resnet18)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--crop", type=int, default=64, help="image side (default 64)")
+    p.add_argument("--moco-dim", type=int, default=128)
+    p.add_argument("--moco-k", type=int, default=4096, help="queue length (default 4096)")
+    p.add_argument("--moco-m", type=float, default=0.999)
+    p.add_argument("--moco-t", type=float, default=None, help="temperature (default 0.07, 0.2 with --mlp)")
+    p.add_argument("--mlp", action="store_true", help="MoCo v2 MLP head")
+    p.add_argument("--symmetric", action="store_true", help="symmetric loss (CIFAR demo)")
+    p.add_argument("--bn-splits", type=int, default=1, help="split BN groups (default 1: plain BN)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _build(args, device, reference):
+    """Our MoCo and the reference with identical initial state, with their optimizers."""
+    base = getattr(torchvision.models, args.arch)
+    T = args.moco_t if args.moco_t is not None else (0.2 if args.mlp else 0.07)
+    torch.manual_seed(args.seed)
+    ours = MoCo(base, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=T, mlp=args.mlp,
+                bn_splits=args.bn_splits, symmetric=args.symmetric)
+    ref_base = reference.split_bn_encoder(base, args.bn_splits) if args.bn_splits > 1 else base
+    ref = reference.ReferenceMoCo(ref_base, dim=args.moco_dim, K=args.moco_k, m=args.moco_m, T=T,
+                                  mlp=args.mlp, symmetric=args.symmetric)
+    ref.load_state_dict(ours.state_dict())
+    ours.to(device).train()
+    ref.to(device).train()
+
+    def optimizer(model):
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+
+    def step_ours(im_q, im_k):
+        logits, labels = ours(im_q, im_k)
+        return contrastive_loss(logits, labels, symmetric=args.symmetric)
+
+    def step_ref(im_q, im_k):
+        return ref.step_loss(im_q, im_k)[0]
+
+    return {"ours": (step_ours, optimizer(ours)), "reference": (step_ref, optimizer(ref))}
+
+
+def _timed_step(forward, opt, im_q, im_k, device):
+    _sync(device)
+    start = time.perf_counter()
+    loss = forward(im_q, im_k)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    _sync(device)
+    return time.perf_counter() - start, float(loss.detach())
+
+
+def run(args):
+    if isinstance(args, dict):
+        args = argparse.Namespace(**{**vars(parse_args([])), **args})
+    keys_per_step = args.batch * (2 if args.symmetric else 1)
+    if args.moco_k % keys_per_step:
+        raise SystemExit(f"--moco-k {args.moco_k} must be a multiple of the keys per step, {keys_per_step}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    reference = load_reference()
+    models = _build(args, device, reference)
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    shape = (args.batch, 3, args.crop, args.crop)
+    batches = [(torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device))
+               for _ in range(2)]
+
+    times = {name: [] for name in models}
+    losses = {name: [] for name in models}
+    total = args.warmup + args.steps
+    for i in range(total):
+        im_q, im_k = batches[i % len(batches)]
+        order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
+        # both models draw the same shuffle permutations: restore the generator between them
+        rng = torch.get_rng_state()
+        for name in order:
+            torch.set_rng_state(rng)
+            seconds, loss = _timed_step(*models[name], im_q, im_k, device)
+            losses[name].append(loss)
+            if i >= args.warmup:
+                times[name].append(seconds)
+
+    result = {
+        "benchmark": "train_step",
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[name] = {
+            "median_s": med,
+            "mean_s": statistics.fmean(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "images_per_s": args.batch / med,
+            "step_times_s": ts,
+        }
+    result["ratio_ours_over_reference"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+    # the fastest step of each: least disturbed by other work on a shared machine
+    result["ratio_ours_over_reference_by_min"] = result["reference"]["min_s"] / result["ours"]["min_s"]
+    # Same start, same inputs, same permutations: the first step's losses must agree to float rounding,
+    # a check that both did the same work. Later steps drift apart: training on noise images is chaotic,
+    # a 1e-7 relative change of one weight grows to differences of 0.1 in ten steps.
+    diffs = [abs(a - b) for a, b in zip(losses["ours"], losses["reference"])]
+    result["first_step_loss_difference"] = diffs[0]
+    result["loss_difference_per_step"] = diffs
+    result["losses"] = losses
+    return result
+
+
+def report(result):
+    cfg = result["config"]
+    print(f"train step: {cfg['arch']} batch {cfg['batch']} crop {cfg['crop']} K {cfg['moco_k']} "
+          f"mlp {cfg['mlp']} symmetric {cfg['symmetric']} bn_splits {cfg['bn_splits']} | "
+          f"{result['device']} ({result['device_name']}), {result['threads']} threads, torch {result['torch']}")
+    for name in ("ours", "reference"):
+        r = result[name]
+        print(f"  {name:9s} {r['images_per_s']:9.1f} images/s   median {1000 * r['median_s']:8.1f} ms/step "
+              f"(min {1000 * r['min_s']:.1f}, max {1000 * r['max_s']:.1f}, {len(r['step_times_s'])} steps)")
+    print(f"  ratio ours/reference (throughput): {result['ratio_ours_over_reference']:.3f}")
+    print(f"  ratio by fastest step:             {result['ratio_ours_over_reference_by_min']:.3f}")
+    print(f"  first-step |loss difference| (same start): {result['first_step_loss_difference']:.2e}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
