@@ -15,8 +15,8 @@ from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resu
                              load_checkpoint, pretrain_checkpoint_name, restore_rng_state,
                              save_checkpoint)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
-from moco.distributed import (all_reduce_sum, broadcast_from_main, plan_launch, process_group,
-                              run_processes, wrap_ddp)
+from moco.distributed import (all_reduce_max, all_reduce_sum, broadcast_from_main, plan_launch,
+                              process_group, run_processes, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
 from moco.loader import linear_val_transform, pretrain_transform
 from moco.logs import RunLog
@@ -132,7 +132,7 @@ def train_process(local_index, plan, args):
                 lr = adjust_learning_rate(optimizer, epoch, args, cos=args.cos)
                 stats = train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, lr,
                                         state, preemption, sampler.steps_per_epoch())
-                stats["bad_images"] = int(all_reduce_sum(dataset.bad_images.clone().to(ctx.device)))
+                stats["bad_images"] = merge_bad_images(dataset, ctx.device)
                 if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
                     stats["knn_top1"] = knn.knn_top1(base, *knn_loaders, ctx.device, args.knn_k,
                                                      args.knn_t, args.channels_last)
@@ -232,6 +232,14 @@ def train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, 
     return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "lr": lr, "steps": done,
             "epoch_time_s": round(seconds, 3),
             "images_per_s": round(done * loader.batch_size * ctx.world_size / max(seconds, 1e-9), 1)}
+
+
+def merge_bad_images(dataset, device):
+    """Distinct unreadable training images met by any process so far. Every process learns of them,
+    so an image another process has reported is neither reported nor counted again."""
+    flags = all_reduce_max(dataset.bad_flags.clone().to(device))
+    dataset.bad_flags.copy_(flags.cpu())
+    return int(flags.sum())
 
 
 def check_step(loss, preemption, ctx, epoch, step, args):

@@ -48,27 +48,33 @@ class RobustImageFolder(datasets.ImageFolder):
         if not self.samples:
             raise UserError(f"image folder '{root}' holds no images")
         self.data_seed = data_seed
-        self.bad_images = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._reported = set()
+        # one flag per sample in shared memory, so that all loader workers (and, merged after each
+        # epoch by the training script, all processes) report and count each bad image once
+        self.bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    @property
+    def bad_images(self):
+        """The number of distinct unreadable images met so far."""
+        return int(self.bad_flags.sum())
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
         for attempt in range(MAX_CONSECUTIVE_BAD):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            sample = (index + attempt) % len(self.samples)
+            path, target = self.samples[sample]
             try:
                 image = self.loader(path)
             except IMAGE_ERRORS as err:
-                self._report_bad(path, err)
+                self._report_bad(sample, path, err)
                 continue
             return self._transform(image, epoch, index), target
         raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in "
                            f"'{self.root}'")
 
-    def _report_bad(self, path, err):
-        if path in self._reported:
+    def _report_bad(self, sample, path, err):
+        if self.bad_flags[sample]:
             return
-        self._reported.add(path)
-        self.bad_images.add_(1)
+        self.bad_flags[sample] = 1
         print(f"warning: skipping unreadable image '{path}' ({type(err).__name__}: {err})",
               file=sys.stderr, flush=True)
 

@@ -1,0 +1,110 @@
+"""Per-process set-up: batch split, workers, precision, SIGTERM handling."""
+import argparse
+import os
+import signal
+
+import pytest
+import torch
+
+from moco.errors import UserError
+from moco.runtime import (Precision, PreemptionSignal, check_amp, per_process_batch, seed_everything,
+                          workers_per_process)
+
+
+def test_per_process_batch_is_the_node_batch_split():
+    assert per_process_batch(256, 1) == 256
+    assert per_process_batch(256, 8) == 32
+    assert per_process_batch(16, 2) == 8
+    assert per_process_batch(3, 3) == 1
+
+
+@pytest.mark.parametrize("batch, procs", [(0, 1), (1, 2), (7, 8)])
+def test_per_process_batch_smaller_than_processes_is_a_user_error(batch, procs):
+    with pytest.raises(UserError) as err:
+        per_process_batch(batch, procs)
+    assert str(batch) in str(err.value) and str(procs) in str(err.value)
+
+
+@pytest.mark.parametrize("workers, procs, expected", [(32, 1, 32), (32, 8, 4), (32, 3, 11), (5, 2, 3),
+                                                      (1, 4, 1), (0, 2, 0)])
+def test_workers_per_process_is_the_ceiling(workers, procs, expected):
+    assert workers_per_process(workers, procs) == expected
+
+
+def test_seed_everything_reproduces_python_and_torch_draws():
+    import random
+    with pytest.warns(UserWarning, match="deterministic"):
+        seed_everything(3)
+    first = (random.random(), torch.rand(3))
+    with pytest.warns(UserWarning):
+        seed_everything(3)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0]
+    assert torch.equal(first[1], second[1])
+
+
+def test_precision_without_amp_is_plain_fp32_backward_and_step():
+    precision = Precision(False, torch.device("cpu"))
+    assert precision.scaler is None and precision.dtype is None
+    assert precision.describe() == "fp32"
+    assert precision.state_dict() is None
+    precision.load_state_dict(None)  # accepted, nothing to restore
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    b.load_state_dict(a.state_dict())
+    initial = a.weight.detach().clone()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(5, 4)
+    with precision.autocast():
+        out = a(x)
+        assert out.dtype == torch.float32
+        loss_a = out.square().mean()
+    precision.backward_and_step(loss_a, opt_a)
+    b(x).square().mean().backward()
+    opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.weight, initial)  # it did step
+
+
+def test_precision_with_amp_on_the_cpu_stays_fp32():
+    precision = Precision(True, torch.device("cpu"))
+    assert precision.dtype is None and precision.scaler is None
+    with precision.autocast():
+        assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; --amp is allowed")
+def test_check_amp_refuses_amp_without_cuda():
+    with pytest.raises(UserError, match="--amp"):
+        check_amp(argparse.Namespace(amp=True))
+    check_amp(argparse.Namespace(amp=False))  # without --amp nothing to check
+
+
+def test_preemption_signal_catches_a_real_sigterm_and_restores_the_handler():
+    seen = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with PreemptionSignal() as preemption:
+            assert preemption.received is False
+            assert signal.getsignal(signal.SIGTERM) is not previous
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the python-level handler runs between bytecodes
+                if preemption.received:
+                    break
+            assert preemption.received is True
+        assert seen == []  # the run's handler took it, not the previous one
+        assert signal.getsignal(signal.SIGTERM) is previous
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            if seen:
+                break
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, original)
