@@ -249,6 +249,10 @@ def train_one_epoch(loader, model, optimizer, precision, epoch, lr, args, ctx, l
 @torch.no_grad()
 def validate(loader, model, precision, args, ctx, log):
     """Top-1/top-5 over the whole val set, each image counted once across processes."""
+    # the plain module, not DDP: DDP's forward may broadcast buffers, a collective that a process
+    # holding fewer val batches (none, when there are fewer images than processes) would never join
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct@1, correct@5, images
     for images, target in loader:
