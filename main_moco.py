@@ -18,6 +18,7 @@ from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_lo
 from moco.distributed import (all_reduce_max, all_reduce_sum, broadcast_from_main, plan_launch,
                               process_group, run_processes, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
+from moco.batch_aug import BatchAugment, crop_flip_transform
 from moco.loader import linear_val_transform, pretrain_transform
 from moco.logs import RunLog
 from moco.meters import AverageMeter, ProgressMeter, accuracy
@@ -41,6 +42,10 @@ def get_args_parser():
     # additions of this project
     parser.add_argument("--bn-splits", default=1, type=int,
                         help="split BatchNorm imitating N devices on one (1 = plain BN)")
+    parser.add_argument("--fast-aug", action="store_true",
+                        help="loader workers only decode, crop and flip (uint8); colour jitter, grayscale, "
+                             "blur and normalisation run on the whole batch on the training device, with "
+                             "the same per-image distributions")
     parser.add_argument("--symmetric", action="store_true",
                         help="symmetric loss: each crop is query once and key once (losses summed)")
     parser.add_argument("--knn-freq", default=0, type=int, metavar="N",
@@ -115,8 +120,8 @@ def train_process(local_index, plan, args):
         if args.resume:
             resume(args.resume, model, optimizer, precision, state, ctx, log)
 
-        dataset = RobustImageFolder(os.path.join(args.data, "train"),
-                                    pretrain_transform(args.aug_plus, args.crop_size), state.data_seed)
+        dataset = RobustImageFolder(os.path.join(args.data, "train"), train_transform(args), state.data_seed)
+        augment = BatchAugment(aug_plus=args.aug_plus).to(ctx.device) if args.fast_aug else None
         sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, state.data_seed, batch)
         loader = make_loader(dataset, sampler, batch, workers, ctx.device, drop_last=True)
         if sampler.steps_per_epoch() == 0:
@@ -130,8 +135,8 @@ def train_process(local_index, plan, args):
             for epoch in range(state.epoch, args.epochs):
                 sampler.set_epoch(epoch, state.step_in_epoch)
                 lr = adjust_learning_rate(optimizer, epoch, args, cos=args.cos)
-                stats = train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, lr,
-                                        state, preemption, sampler.steps_per_epoch())
+                stats = train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, ctx, log,
+                                        lr, state, preemption, sampler.steps_per_epoch())
                 stats["bad_images"] = merge_bad_images(dataset, ctx.device)
                 if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
                     stats["knn_top1"] = knn.knn_top1(base, *knn_loaders, ctx.device, args.knn_k,
@@ -192,7 +197,22 @@ def describe_run(args, ctx, batch, workers, precision, num_images):
             f"args: {vars(args)}")
 
 
-def train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, lr, state, preemption,
+def train_transform(args):
+    """The reference's PIL pipeline, or with --fast-aug the worker half of moco.batch_aug's (uint8
+    crops plus each crop's colour parameters, drawn in the worker so they follow the per-sample seed)."""
+    if args.fast_aug:
+        return crop_flip_transform(args.crop_size, aug_plus=args.aug_plus)
+    return pretrain_transform(args.aug_plus, args.crop_size)
+
+
+def prepare_batch(images, augment, device, channels_last):
+    """Both crops on the device; with --fast-aug, their colour augmentation and normalisation there."""
+    if augment is not None:
+        images = augment([[crop.to(device, non_blocking=True), params] for crop, params in images])
+    return [to_device(crop, device, channels_last) for crop in images]
+
+
+def train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, ctx, log, lr, state, preemption,
                     steps):
     batch_time = AverageMeter("Time", ":6.3f")
     data_time = AverageMeter("Data", ":6.3f")
@@ -204,8 +224,8 @@ def train_one_epoch(loader, model, optimizer, precision, epoch, args, ctx, log, 
     start_step = state.step_in_epoch
     epoch_start = end = time.time()
     for i, (images, _) in enumerate(loader, start=start_step):
-        data_time.update(time.time() - end)
-        im_q, im_k = (to_device(x, ctx.device, args.channels_last) for x in images)
+        im_q, im_k = prepare_batch(images, augment, ctx.device, args.channels_last)
+        data_time.update(time.time() - end)  # with --fast-aug, the batch augmentation counts as data time
         with precision.autocast():
             logits, labels = model(im_q, im_k)
             loss = builder.contrastive_loss(logits.float(), labels, args.symmetric)

@@ -53,6 +53,11 @@ def build_parser():
     p.add_argument("--mlp", action="store_true", help="MoCo v2 MLP head")
     p.add_argument("--symmetric", action="store_true", help="symmetric loss (CIFAR demo)")
     p.add_argument("--bn-splits", type=int, default=1, help="split BN groups (default 1: plain BN)")
+    p.add_argument("--amp", action="store_true", help="ours only: bf16 autocast (fp16 where bf16 is missing)")
+    p.add_argument("--channels-last", action="store_true", help="ours only: NHWC memory format")
+    p.add_argument("--compile", action="store_true", help="ours only: torch.compile the encoders")
+    p.add_argument("--supervised", action="store_true",
+                   help="also time a plain supervised step of the backbone (one crop, same options as ours)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -102,7 +107,46 @@ def _build(args, device, reference):
     def step_ref(im_q, im_k):
         return ref.step_loss(im_q, im_k)[0]
 
-    return {"ours": (step_ours, optimizer(ours)), "reference": (step_ref, optimizer(ref))}
+    if args.channels_last:
+        ours.to(memory_format=torch.channels_last)
+    if args.compile:
+        ours.encoder_q.compile()
+        ours.encoder_k.compile()
+    contenders = {"ours": (with_fast_options(step_ours, args, device), optimizer(ours)),
+                  "reference": (step_ref, optimizer(ref))}
+    if args.supervised:
+        supervised = base(num_classes=1000).to(device).train()
+        if args.channels_last:
+            supervised.to(memory_format=torch.channels_last)
+        if args.compile:
+            supervised.compile()
+        labels = torch.zeros(args.batch, dtype=torch.long, device=device)
+
+        def step_supervised(im_q, im_k):
+            return F.cross_entropy(supervised(im_q), labels)
+
+        contenders["supervised"] = (with_fast_options(step_supervised, args, device), optimizer(supervised))
+    return contenders
+
+
+def with_fast_options(step, args, device):
+    """Wrap a step in the fast options: autocast (bf16, or fp16 where bf16 is missing), NHWC inputs."""
+    dtype = None
+    if args.amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif args.amp:
+        dtype = torch.bfloat16
+
+    def fast_step(im_q, im_k):
+        if args.channels_last:
+            im_q = im_q.contiguous(memory_format=torch.channels_last)
+            im_k = im_k.contiguous(memory_format=torch.channels_last)
+        if dtype is None:
+            return step(im_q, im_k)
+        with torch.autocast(device.type, dtype=dtype):
+            return step(im_q, im_k).float()
+
+    return fast_step
 
 
 def _timed_step(forward, opt, im_q, im_k, device):
@@ -138,7 +182,7 @@ def run(args):
     total = args.warmup + args.steps
     for i in range(total):
         im_q, im_k = batches[i % len(batches)]
-        order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
+        order = list(models) if i % 2 == 0 else list(models)[::-1]
         # both models draw the same shuffle permutations: restore the generator between them
         rng = torch.get_rng_state()
         for name in order:
@@ -169,6 +213,13 @@ def run(args):
             "step_times_s": ts,
         }
     result["ratio_ours_over_reference"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+    if "supervised" in result:
+        # an asymmetric MoCo step ideally costs 4/3 of a supervised one (one more forward pass)
+        ceiling = 0.75 * result["supervised"]["images_per_s"]
+        result["ratio_ours_over_ideal"] = result["ours"]["images_per_s"] / ceiling
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result["peak_memory_mib"] = round((peak if peak is not None else peak_rss_bytes()) / 2**20, 1)
+    result["peak_memory_kind"] = "cuda max_memory_allocated" if peak is not None else "process peak RSS"
     # the fastest step of each: least disturbed by other work on a shared machine
     result["ratio_ours_over_reference_by_min"] = result["reference"]["min_s"] / result["ours"]["min_s"]
     # Same start, same inputs, same permutations: the first step's losses must agree to float rounding,
@@ -181,17 +232,25 @@ def run(args):
     return result
 
 
+def peak_rss_bytes():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def report(result):
     cfg = result["config"]
     print(f"train step: {cfg['arch']} batch {cfg['batch']} crop {cfg['crop']} K {cfg['moco_k']} "
           f"mlp {cfg['mlp']} symmetric {cfg['symmetric']} bn_splits {cfg['bn_splits']} | "
           f"{result['device']} ({result['device_name']}), {result['threads']} threads, torch {result['torch']}")
-    for name in ("ours", "reference"):
+    for name in [n for n in ("ours", "reference", "supervised") if n in result]:
         r = result[name]
         print(f"  {name:9s} {r['images_per_s']:9.1f} images/s   median {1000 * r['median_s']:8.1f} ms/step "
               f"(min {1000 * r['min_s']:.1f}, max {1000 * r['max_s']:.1f}, {len(r['step_times_s'])} steps)")
     print(f"  ratio ours/reference (throughput): {result['ratio_ours_over_reference']:.3f}")
     print(f"  ratio by fastest step:             {result['ratio_ours_over_reference_by_min']:.3f}")
+    if "ratio_ours_over_ideal" in result:
+        print(f"  ratio ours / (0.75 x supervised):  {result['ratio_ours_over_ideal']:.3f}")
+    print(f"  peak memory ({result['peak_memory_kind']}): {result['peak_memory_mib']:.0f} MiB")
     print(f"  first-step |loss difference| (same start): {result['first_step_loss_difference']:.2e}")
 
 

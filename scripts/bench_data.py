@@ -1,0 +1,315 @@
+"""Data-pipeline throughput: the MoCo v1/v2 two-crop pipelines, torchvision reference vs the fast path.
+
+Generates an ImageFolder of JPEG files with ImageNet-like sizes and file sizes (500 x 375 and 375 x 500,
+smooth random colour fields with texture, quality 95: about 110 kB, like an average ImageNet file) in a
+temporary folder, then measures images/s (one image = its two crops) of
+
+* ``tv-v1`` / ``tv-v2``: ImageFolder + ``moco.loader.pretrain_transform(aug_plus)`` (PIL/torchvision,
+  normalised float crops made in the workers) in a DataLoader with N workers;
+* ``fast-v1`` / ``fast-v2``: ImageFolder + ``moco.batch_aug.crop_flip_transform`` (uint8 crops made in the
+  workers) in the same DataLoader, plus ``moco.batch_aug.BatchAugment`` applied to both crops of every
+  batch in the main process on ``--device``; that work is inside the timing.
+
+Pipelines run in interleaved rounds (tv-v1, fast-v1, tv-v2, fast-v2, then again) so that load from other
+processes hits all of them alike; each round's ratio fast/tv is taken from the two runs of that round,
+and the summary gives the medians. Each run times the batches after the first one (worker start-up
+excluded) of one pass over the data set. Besides wall-clock images/s it reports the CPU time (main
+process + workers) per image over the same span: on a machine shared with other jobs the wall-clock
+ratio depends on how the scheduler shares the cores (the fast path has one more busy process), while
+the CPU-time ratio is what the pipelines cost. ``--profile`` adds a single-process breakdown of where
+each pipeline's time goes.
+
+    python scripts/bench_data.py --workers 2 --images 1024 --rounds 3
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as transforms_module
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moco import batch_aug, loader  # noqa: E402
+
+PIPELINES = ("tv-v1", "fast-v1", "tv-v2", "fast-v2")
+
+
+def make_image(rng, width, height):
+    """A natural-looking RGB image: a smooth random colour field, some edges and fine texture."""
+    coarse = torch.from_numpy(rng.standard_normal((1, 3, height // 24 + 2, width // 24 + 2)).astype(np.float32))
+    field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]
+    medium = torch.from_numpy(rng.standard_normal((1, 3, height // 3 + 2, width // 3 + 2)).astype(np.float32))
+    field += 0.3 * F.interpolate(medium, size=(height, width), mode="bilinear", align_corners=False)[0]
+    field += 0.2 * torch.from_numpy(rng.standard_normal((3, height, width)).astype(np.float32))
+    base = torch.from_numpy(rng.uniform(60, 190, size=(3, 1, 1)).astype(np.float32))
+    pixels = (field * 45 + base).clamp(0, 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def make_dataset(root, n_images, classes=4, seed=0):
+    """`n_images` JPEG files under root/class_k/, 500 x 375 or 375 x 500 (ImageNet's typical sizes)."""
+    rng = np.random.default_rng(seed)
+    for k in range(n_images):
+        folder = os.path.join(root, f"class_{k % classes}")
+        os.makedirs(folder, exist_ok=True)
+        width, height = (500, 375) if rng.random() < 0.7 else (375, 500)
+        make_image(rng, width, height).save(os.path.join(folder, f"{k:06d}.jpg"), quality=95)
+    return root
+
+
+def build(pipeline, root, args, device):
+    """(DataLoader, per-batch function) of one pipeline."""
+    aug_plus = pipeline.endswith("v2")
+    if pipeline.startswith("tv"):
+        transform = loader.pretrain_transform(aug_plus=aug_plus, crop_size=args.crop_size)
+        step = None
+    else:
+        in_worker = args.draw_params_in == "worker"
+        transform = batch_aug.crop_flip_transform(args.crop_size, aug_plus if in_worker else None)
+        augment = batch_aug.BatchAugment(aug_plus=aug_plus).to(device)
+
+        def step(images):
+            if in_worker:  # [[q_u8, q_params], [k_u8, k_params]]
+                return augment([[x.to(device, non_blocking=True), p] for x, p in images])
+            return augment([x.to(device, non_blocking=True) for x in images])
+    dataset = datasets.ImageFolder(root, transform)
+    data_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                             pin_memory=device.type == "cuda", drop_last=True)
+    return data_loader, step
+
+
+def _cpu_seconds(pids):
+    """user + system CPU seconds used so far by the processes `pids` (Linux /proc), None if unavailable."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(parts[11]) + int(parts[12])) / tick  # utime, stime
+    return total
+
+
+def measure(pipeline, root, args, device):
+    """(images/s, CPU seconds per image) of one pass over the data, from the first batch to the last.
+
+    The CPU time is that of the main process and the loader's worker processes over the same span;
+    2 cores / (CPU seconds per image) is the throughput the pipeline would reach with the cores to itself.
+    """
+    data_loader, step = build(pipeline, root, args, device)
+    iterator = iter(data_loader)
+    pids = [os.getpid()] + [w.pid for w in getattr(iterator, "_workers", [])]
+    last = len(data_loader) - 1
+    count, start, cpu_start = 0, None, None
+    for index, (images, _) in enumerate(iterator):
+        if step is not None:
+            images = step(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        assert images[0].dtype == torch.float32 and images[0].shape[-1] == args.crop_size
+        if index == 0:
+            start, cpu_start = time.perf_counter(), _cpu_seconds(pids)
+            continue
+        count += images[0].shape[0]
+        if index == last:  # before the loader shuts its workers down
+            elapsed, cpu_end = time.perf_counter() - start, _cpu_seconds(pids)
+    cpu_per_image = None if cpu_start is None or cpu_end is None else (cpu_end - cpu_start) / count
+    return count / elapsed, cpu_per_image
+
+
+class _Timed:
+    """Wraps a callable and adds its CPU time (time.process_time) to `totals[name]`."""
+
+    def __init__(self, fn, name, totals):
+        self.fn, self.name, self.totals = fn, name, totals
+
+    def __call__(self, *a, **k):
+        t = time.process_time()
+        out = self.fn(*a, **k)
+        self.totals[self.name] = self.totals.get(self.name, 0.0) + time.process_time() - t
+        return out
+
+
+def profile_pipelines(root, args, n_images=256):
+    """Single-process CPU time per image of every stage of each pipeline: {pipeline: {stage: ms}}.
+
+    Runs the same per-image work as the DataLoader workers (decode, transforms, collate) and the
+    main-process BatchAugment in this process, one thread, timing each stage with time.process_time.
+    """
+    samples = datasets.ImageFolder(root).samples[:n_images]
+    n = len(samples) - len(samples) % args.batch_size
+    samples = samples[:n]
+    result = {}
+    for aug_plus in (False, True):
+        v = "v2" if aug_plus else "v1"
+        # reference: decode + torchvision/PIL recipe twice + collate
+        totals = {}
+        recipe = (loader.moco_v2_augmentation if aug_plus else loader.moco_v1_augmentation)(args.crop_size)
+        recipe.transforms = [_Timed(t, type(t).__name__ if not isinstance(t, transforms_module.RandomApply)
+                                    else f"RandomApply({type(t.transforms[0]).__name__})", totals)
+                             for t in recipe.transforms]
+        decode = _Timed(datasets.folder.default_loader, "decode", totals)
+        collate = _Timed(torch.utils.data.default_collate, "collate", totals)
+        for start in range(0, n, args.batch_size):
+            batch = []
+            for path, target in samples[start:start + args.batch_size]:
+                image = decode(path)
+                batch.append(([recipe(image), recipe(image)], target))
+            collate(batch)
+        result[f"tv-{v}"] = totals
+        # fast path: decode + crop/flip twice + collate in the worker, BatchAugment in the main process
+        totals = {}
+        worker = batch_aug.TwoCropsUint8(args.crop_size, aug_plus if args.draw_params_in == "worker" else None)
+        crop = _Timed(worker.one, "crop+flip+params (worker)", totals)
+        decode = _Timed(datasets.folder.default_loader, "decode", totals)
+        collate = _Timed(torch.utils.data.default_collate, "collate", totals)
+        augment = batch_aug.BatchAugment(aug_plus=aug_plus)
+        names = ["adjust_brightness_", "adjust_contrast_", "adjust_saturation_", "adjust_hue_", "grayscale_", "blur_"]
+        originals = {name: getattr(batch_aug, name) for name in names}
+        try:
+            for name in names:
+                setattr(batch_aug, name, _Timed(originals[name], f"batch: {name.rstrip('_')}", totals))
+            run_augment = _Timed(augment, "batch: total", totals)
+            for start in range(0, n, args.batch_size):
+                batch = []
+                for path, target in samples[start:start + args.batch_size]:
+                    image = decode(path)
+                    batch.append(([crop(image), crop(image)], target))
+                images, _ = collate(batch)
+                run_augment(images)  # a list of uint8 batches or of [uint8 batch, params] pairs
+        finally:
+            for name in names:
+                setattr(batch_aug, name, originals[name])
+        parts = sum(v for k, v in totals.items() if k.startswith("batch: ") and k != "batch: total")
+        totals["batch: convert+normalise+loop"] = totals["batch: total"] - parts
+        result[f"fast-{v}"] = totals
+    return {p: {k: v / n * 1e3 for k, v in totals.items()} for p, totals in result.items()}
+
+
+def print_profile(profile):
+    for p, stages in profile.items():
+        total = sum(v for k, v in stages.items() if not k.startswith("batch: ")) + stages.get("batch: total", 0.0)
+        print(f"{p}: {total:.2f} CPU-ms/image (one process, one thread)")
+        for k, v in sorted(stages.items(), key=lambda kv: -kv[1]):
+            print(f"    {k:34s} {v:7.3f} ms")
+
+
+def run(args):
+    """Run the benchmark; returns a dict with per-round images/s, ratios and their medians."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.main_threads)
+    torch.manual_seed(args.seed)
+    tmp = None
+    root = args.data
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="bench_data_")
+        root = tmp
+    try:
+        if args.data is None or not os.path.isdir(root) or not os.listdir(root):
+            t0 = time.perf_counter()
+            make_dataset(root, args.images, seed=args.seed)
+            print(f"generated {args.images} JPEG files in {root} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        n_files = sum(len(files) for _, _, files in os.walk(root))
+        if n_files < 2 * args.batch_size:
+            raise SystemExit(f"{n_files} images: need at least two batches of {args.batch_size}")
+        profile = None
+        if args.profile:
+            profile = profile_pipelines(root, args)
+            print_profile(profile)
+        rounds = []
+        for r in range(args.rounds):
+            result = {}
+            for pipeline in args.pipelines:
+                speed, cpu = measure(pipeline, root, args, device)
+                result[pipeline] = {"images_per_s": speed, "cpu_ms_per_image": None if cpu is None else cpu * 1e3}
+                cpu_text = "" if cpu is None else f", {cpu * 1e3:6.2f} CPU-ms/image"
+                print(f"round {r}: {pipeline:8s} {speed:8.1f} images/s{cpu_text}", flush=True)
+            rounds.append(result)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not rounds:
+        return {"config": vars(args), "profile_cpu_ms_per_image": profile}
+    summary = {p: statistics.median(r[p]["images_per_s"] for r in rounds) for p in args.pipelines}
+    cpu_summary = {}
+    for p in args.pipelines:
+        values = [r[p]["cpu_ms_per_image"] for r in rounds]
+        cpu_summary[p] = None if None in values else statistics.median(values)
+    ratios = {}
+    for v in ("v1", "v2"):
+        fast, tv = f"fast-{v}", f"tv-{v}"
+        if tv in args.pipelines and fast in args.pipelines:
+            per_round = [r[fast]["images_per_s"] / r[tv]["images_per_s"] for r in rounds]
+            ratios[v] = {"per_round": per_round, "median": statistics.median(per_round)}
+            if cpu_summary[fast] is not None and cpu_summary[tv] is not None:
+                cpu_rounds = [r[tv]["cpu_ms_per_image"] / r[fast]["cpu_ms_per_image"] for r in rounds]
+                ratios[v]["cpu_per_round"] = cpu_rounds
+                ratios[v]["cpu_median"] = statistics.median(cpu_rounds)
+    return {
+        "config": {"workers": args.workers, "images": n_files, "batch_size": args.batch_size,
+                   "crop_size": args.crop_size, "rounds": args.rounds, "device": str(device),
+                   "main_threads": args.main_threads, "draw_params_in": args.draw_params_in,
+                   "cpus": os.cpu_count(), "torch": torch.__version__},
+        "rounds": rounds, "median_images_per_s": summary, "median_cpu_ms_per_image": cpu_summary,
+        "ratio_fast_over_tv": ratios, "profile_cpu_ms_per_image": profile,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--images", type=int, default=1024, help="JPEG files to generate")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="device of BatchAugment (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--main-threads", type=int, default=1, help="torch threads of the main process")
+    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    p.add_argument("--data", default=None, help="existing ImageFolder root (else a generated temporary one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the result dict to this file")
+    p.add_argument("--draw-params-in", choices=("worker", "main"), default="worker",
+                   help="where the fast path draws the colour parameters: in the loader workers with the crops "
+                        "(crop_flip_transform(crop, aug_plus)) or in the main process (BatchAugment)")
+    p.add_argument("--profile", action="store_true",
+                   help="first print a single-process CPU-time breakdown of each pipeline's stages")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if "median_images_per_s" not in result:
+        return result
+    print()
+    print(f"{'pipeline':10s} {'images/s':>10s} {'CPU-ms/image':>13s}   (medians over rounds)")
+    for p, v in result["median_images_per_s"].items():
+        cpu = result["median_cpu_ms_per_image"][p]
+        print(f"{p:10s} {v:10.1f} {'n/a' if cpu is None else f'{cpu:.2f}':>13s}")
+    for v, r in result["ratio_fast_over_tv"].items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["per_round"])
+        print(f"ratio fast/tv {v}: images/s {r['median']:.2f}x (rounds: {rounds})", end="")
+        if "cpu_median" in r:
+            print(f"; by CPU time per image {r['cpu_median']:.2f}x", end="")
+        print()
+    return result
+
+
+if __name__ == "__main__":
+    main()
