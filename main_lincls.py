@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from moco import cli
-from moco.checkpoint import checkpoint_state_dict, copy_checkpoint, load_checkpoint, save_checkpoint
+from moco.checkpoint import (checkpoint_state_dict, copy_checkpoint, load_checkpoint, restore_training_state,
+                             save_checkpoint)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
 from moco.distributed import all_reduce_sum, plan_launch, process_group, run_processes, wrap_ddp
 from moco.errors import UserError, run_cli
@@ -188,17 +189,7 @@ def lincls_process(local_index, plan, args):
 
 
 def resume(args, model, optimizer, log):
-    checkpoint = load_checkpoint(args.resume, what="--resume checkpoint")
-    state_dict = checkpoint_state_dict(checkpoint, args.resume)
-    if not next(iter(state_dict)).startswith("module."):
-        state_dict = {"module." + key: value for key, value in state_dict.items()}
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
-        raise UserError(f"--resume checkpoint '{args.resume}' does not fit --arch {args.arch} "
-                        f"({str(err).strip().splitlines()[-1].strip()[:200]})")
-    if "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint = restore_training_state(args.resume, model, optimizer)
     args.start_epoch = checkpoint.get("epoch", args.start_epoch)
     log.info(f"=> resuming from '{args.resume}' (epoch {args.start_epoch}, best top-1 "
              f"{checkpoint['best_acc1']:.3f})")

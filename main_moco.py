@@ -13,7 +13,7 @@ import torch
 from moco import builder, cli, knn
 from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint,
                              load_checkpoint, pretrain_checkpoint_name, restore_rng_state,
-                             save_checkpoint)
+                             restore_training_state, save_checkpoint)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
 from moco.distributed import (all_reduce_max, all_reduce_sum, broadcast_from_main, plan_launch,
                               process_group, run_processes, wrap_ddp)
@@ -298,17 +298,7 @@ def save(args, model, optimizer, precision, state, ctx):
 
 
 def resume(path, model, optimizer, precision, state, ctx, log):
-    checkpoint = load_checkpoint(path, what="--resume checkpoint")
-    state_dict = checkpoint_state_dict(checkpoint, path)
-    if not next(iter(state_dict)).startswith("module."):
-        state_dict = {"module." + key: value for key, value in state_dict.items()}
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
-        raise UserError(f"--resume checkpoint '{path}' does not fit this model "
-                        f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})")
-    if "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint = restore_training_state(path, model, optimizer)
     precision.load_state_dict(checkpoint.get("scaler"))
     state.epoch = checkpoint.get("epoch", 0)
     state.step_in_epoch = checkpoint.get("step_in_epoch", 0)

@@ -72,6 +72,26 @@ def checkpoint_state_dict(checkpoint, path, what="checkpoint"):
     return state_dict
 
 
+def restore_training_state(path, model, optimizer):
+    """Load a checkpoint of this script into the DDP-wrapped `model` and its `optimizer`.
+
+    Returns the checkpoint dict for the script's own entries (epoch, best_acc1, RNG states, ...).
+    """
+    checkpoint = load_checkpoint(path, what="--resume checkpoint")
+    state_dict = checkpoint_state_dict(checkpoint, path, what="--resume checkpoint")
+    if not next(iter(state_dict)).startswith("module."):
+        state_dict = {"module." + key: value for key, value in state_dict.items()}
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise UserError(f"--resume checkpoint '{path}' does not fit this model "
+                        f"({(lines[1] if len(lines) > 1 else lines[0])[:200]})") from None
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint
+
+
 def capture_rng_state():
     """The RNG states of python, numpy, torch (CPU) and every CUDA device, as plain python data
     (lists of ints), which both `all_gather_object` and `torch.load(weights_only=True)` accept."""

@@ -100,13 +100,12 @@ def print_table(results):
 
 
 def flatten_data(data):
-    """The data benchmark's throughputs and ratios as table rows."""
-    rows = []
-    for name, entry in (data.get("pipelines") or {}).items():
-        if isinstance(entry, dict) and "images_per_s" in entry:
-            rows.append((f"{name} pipeline", f"{entry['images_per_s']:.1f} img/s"))
-    for name, value in (data.get("ratios") or {}).items():
-        rows.append((name, f"{value:.2f}x"))
+    """The data benchmark's median throughputs and fast/torchvision ratios as table rows."""
+    rows = [(f"{name} pipeline", f"{value:.1f} img/s")
+            for name, value in (data.get("median_images_per_s") or {}).items()]
+    for recipe, ratio in (data.get("ratio_fast_over_tv") or {}).items():
+        rows.append((f"{recipe} fast / torchvision (wall; CPU time)",
+                     f"{ratio['median']:.2f}x; {ratio['cpu_median']:.2f}x"))
     return rows
 
 
