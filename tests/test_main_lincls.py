@@ -273,7 +273,7 @@ def test_launch_flags_match_main_moco_and_no_moco_flags(capsys):
     moco_actions = _actions(main_moco.get_args_parser())
     lincls_actions = _actions(main_lincls.get_args_parser())
     moco_only = {"moco_dim", "moco_k", "moco_m", "moco_t", "mlp", "aug_plus", "cos",
-                 "bn_splits", "symmetric", "knn_freq", "knn_k", "knn_t"}
+                 "bn_splits", "symmetric", "fast_aug", "knn_freq", "knn_k", "knn_t"}
     lincls_defaults = {"epochs": 100, "lr": 30.0, "schedule": [60, 80], "weight_decay": 0.0}
     assert set(lincls_actions) == (set(moco_actions) - moco_only) | {"evaluate", "pretrained"}
     for dest, theirs in moco_actions.items():
