@@ -18,7 +18,7 @@ from moco.distributed import all_reduce_sum, plan_launch, process_group, run_pro
 from moco.errors import UserError, run_cli
 from moco.loader import linear_train_transform, linear_val_transform
 from moco.logs import RunLog
-from moco.meters import AverageMeter, ProgressMeter, accuracy, topk_correct
+from moco.meters import TrainingMeters, topk_correct
 from moco.models import model_constructor
 from moco.runtime import (Precision, check_amp, per_process_batch, seed_everything, to_device,
                           workers_per_process)
@@ -205,36 +205,27 @@ def save_linear(args, epoch, model, optimizer, best_acc1, is_best):
 
 
 def train_one_epoch(loader, model, optimizer, precision, epoch, lr, args, ctx, log):
-    batch_time = AverageMeter("Time", ":6.3f")
-    data_time = AverageMeter("Data", ":6.3f")
-    losses = AverageMeter("Loss", ":.4e")
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
-    progress = ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
-                             prefix=f"Epoch: [{epoch}]")
+    meters = TrainingMeters(len(loader), prefix=f"Epoch: [{epoch}]")
     # eval(): under the frozen-feature protocol BN statistics must not change
     model.eval()
     criterion = nn.CrossEntropyLoss()
     end = time.time()
     for i, (images, target) in enumerate(loader):
-        data_time.update(time.time() - end)
+        meters.data_time.update(time.time() - end)
         images, target = to_device(images, ctx.device, args.channels_last), target.to(ctx.device)
         with precision.autocast():
             output = model(images)
             loss = criterion(output.float(), target)
         if not torch.isfinite(loss).item():
             raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {i}; try a lower --lr")
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        losses.update(loss.item(), images.shape[0])
-        top1.update(acc1.item(), images.shape[0])
-        top5.update(acc5.item(), images.shape[0])
-        optimizer.zero_grad(set_to_none=True)
+        meters.update(loss, output, target)
         precision.backward_and_step(loss, optimizer)
-        batch_time.update(time.time() - end)
+        meters.batch_time.update(time.time() - end)
         end = time.time()
         if i % args.print_freq == 0:
-            log.info(progress.line(i, [f"LR {lr:.4g}"]))
-    return {"train_loss": losses.avg, "train_acc1": top1.avg, "train_acc5": top5.avg, "lr": lr}
+            log.info(meters.line(i, [f"LR {lr:.4g}"]))
+    return {"train_loss": meters.loss.avg, "train_acc1": meters.top1.avg, "train_acc5": meters.top5.avg,
+            "lr": lr}
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from moco.errors import Preempted, UserError, run_cli
 from moco.batch_aug import BatchAugment, crop_flip_transform
 from moco.loader import linear_val_transform, pretrain_transform
 from moco.logs import RunLog
-from moco.meters import AverageMeter, ProgressMeter, accuracy
+from moco.meters import TrainingMeters
 from moco.models import model_constructor
 from moco.runtime import (Precision, PreemptionSignal, check_amp, per_process_batch,
                           seed_everything, to_device, workers_per_process)
@@ -214,33 +214,25 @@ def prepare_batch(images, augment, device, channels_last):
 
 def train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, ctx, log, lr, state, preemption,
                     steps):
-    batch_time = AverageMeter("Time", ":6.3f")
-    data_time = AverageMeter("Data", ":6.3f")
-    losses = AverageMeter("Loss", ":.4e")
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
-    progress = ProgressMeter(steps, [batch_time, data_time, losses, top1, top5], prefix=f"Epoch: [{epoch}]")
+    meters = TrainingMeters(steps, prefix=f"Epoch: [{epoch}]")
     model.train()
     start_step = state.step_in_epoch
     epoch_start = end = time.time()
     for i, (images, _) in enumerate(loader, start=start_step):
         im_q, im_k = prepare_batch(images, augment, ctx.device, args.channels_last)
-        data_time.update(time.time() - end)  # with --fast-aug, the batch augmentation counts as data time
+        # with --fast-aug, the batch augmentation counts as data time
+        meters.data_time.update(time.time() - end)
         with precision.autocast():
             logits, labels = model(im_q, im_k)
             loss = builder.contrastive_loss(logits.float(), labels, args.symmetric)
         stop_now = check_step(loss, preemption, ctx, epoch, i, args)
-        acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
-        losses.update(loss.item(), im_q.shape[0])
-        top1.update(acc1.item(), im_q.shape[0])
-        top5.update(acc5.item(), im_q.shape[0])
-        optimizer.zero_grad(set_to_none=True)
+        meters.update(loss, logits, labels)
         precision.backward_and_step(loss, optimizer)
-        batch_time.update(time.time() - end)
+        meters.batch_time.update(time.time() - end)
         end = time.time()
         if i % args.print_freq == 0:
-            images_per_s = im_q.shape[0] * ctx.world_size / max(batch_time.val, 1e-9)
-            log.info(progress.line(i, [f"LR {lr:.4g}", f"Img/s {images_per_s:.1f}"]))
+            images_per_s = im_q.shape[0] * ctx.world_size / max(meters.batch_time.val, 1e-9)
+            log.info(meters.line(i, [f"LR {lr:.4g}", f"Img/s {images_per_s:.1f}"]))
         if stop_now:
             state.epoch, state.step_in_epoch = epoch, i + 1
             path = save(args, model, optimizer, precision, state, ctx)
@@ -249,7 +241,7 @@ def train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, c
             raise Preempted(path)
     seconds = time.time() - epoch_start
     done = steps - start_step
-    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "lr": lr, "steps": done,
+    return {"loss": meters.loss.avg, "acc1": meters.top1.avg, "acc5": meters.top5.avg, "lr": lr, "steps": done,
             "epoch_time_s": round(seconds, 3),
             "images_per_s": round(done * loader.batch_size * ctx.world_size / max(seconds, 1e-9), 1)}
 

@@ -42,6 +42,30 @@ class ProgressMeter:
         return "\t".join(parts)
 
 
+class TrainingMeters:
+    """The per-iteration meters of both scripts: batch time, data time, loss, top-1 and top-5."""
+
+    def __init__(self, steps, prefix):
+        self.batch_time = AverageMeter("Time", ":6.3f")
+        self.data_time = AverageMeter("Data", ":6.3f")
+        self.loss = AverageMeter("Loss", ":.4e")
+        self.top1 = AverageMeter("Acc@1", ":6.2f")
+        self.top5 = AverageMeter("Acc@5", ":6.2f")
+        self.progress = ProgressMeter(
+            steps, [self.batch_time, self.data_time, self.loss, self.top1, self.top5], prefix=prefix)
+
+    def update(self, loss, output, target):
+        """Record a step's loss and the top-1/top-5 accuracy of `output` (N x C) against `target`."""
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        n = target.shape[0]
+        self.loss.update(loss.item(), n)
+        self.top1.update(acc1.item(), n)
+        self.top5.update(acc5.item(), n)
+
+    def line(self, step, extra=()):
+        return self.progress.line(step, extra)
+
+
 @torch.no_grad()
 def topk_correct(output, target, topk=(1,)):
     """How many of the N rows of `output` (N x C logits) have `target` among their top k, for each k.

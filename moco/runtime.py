@@ -60,6 +60,7 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward_and_step(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
             optimizer.step()
