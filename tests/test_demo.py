@@ -1,0 +1,84 @@
+"""The one-command demo (scripts/demo.py) and the scripts' built-in data set when DIR is omitted."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+
+import pytest
+
+import main_lincls
+import main_moco
+from moco import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.filterwarnings("ignore:You have chosen to seed training")
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "scripts", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MOCO_DATA_CACHE", str(folder))
+    return folder
+
+
+def test_demo_smoke_run_prints_the_comparison_table(cache, tmp_path):
+    demo = load_demo()
+    out = io.StringIO()
+    args = demo.get_args_parser().parse_args(["--tiny", "--output-dir", str(tmp_path / "demo")])
+    with contextlib.redirect_stdout(out):
+        results = demo.main(args)
+    text = out.getvalue()
+    # progress is visible throughout: meter lines of both scripts and the three stage headers
+    assert "== 1/3 pre-training" in text and "== 2/3 kNN" in text and "== 3/3 linear" in text
+    assert "Epoch: [0][" in text and " * Acc@1 " in text
+    assert "| random init |" in text and "| MoCo v2 |" in text
+    for name in ("moco", "random"):
+        for metric in ("knn_top1", "linear_top1"):
+            assert 0.0 <= results[name][metric] <= 100.0
+    with open(tmp_path / "demo" / "results.json") as f:
+        assert json.load(f)["moco"] == results["moco"]
+    assert os.path.isfile(tmp_path / "demo" / "pretrain" / "checkpoint_0000.pth.tar")
+    assert os.path.isfile(tmp_path / "demo" / "linear_moco" / "model_best.pth.tar")
+    # the data set was generated once, in the cache folder, and said where
+    assert len(os.listdir(cache)) == 1 and str(cache) in text
+
+
+def test_scripts_use_the_built_in_data_when_dir_is_omitted(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "DEFAULT_SIZES", synthetic.TINY)
+    out = io.StringIO()
+    argv = ["-a", "resnet18", "--cifar-stem", "--crop-size", "16", "-b", "8", "--moco-k", "16",
+            "--moco-dim", "8", "--epochs", "1", "-j", "0", "--output-dir", str(tmp_path / "pre")]
+    with contextlib.redirect_stdout(out):
+        main_moco.main(main_moco.get_args_parser().parse_args(argv))
+    (dataset,) = os.listdir(cache)
+    assert f"built-in data set: {cache / dataset}" in out.getvalue()
+    checkpoint = str(tmp_path / "pre" / "checkpoint_0000.pth.tar")
+    lin_argv = ["-a", "resnet18", "--cifar-stem", "--crop-size", "16", "-b", "8", "--epochs", "1",
+                "-j", "0", "--pretrained", checkpoint, "--output-dir", str(tmp_path / "lin")]
+    with contextlib.redirect_stdout(out):
+        result = main_lincls.main(main_lincls.get_args_parser().parse_args(lin_argv))
+    assert 0.0 <= result["best_acc1"] <= 100.0
+    assert os.listdir(cache) == [dataset]  # reused, not generated again
+
+
+def test_bench_demo_summarizes_seeds():
+    spec = importlib.util.spec_from_file_location("bench_demo", os.path.join(REPO, "scripts", "bench_demo.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = {s: {"moco": {"knn_top1": 40.0 + s, "linear_top1": 50.0}, "random": {"knn_top1": 20.0,
+                                                                               "linear_top1": 30.0 + 2 * s},
+                "minutes": 8.0} for s in (0, 1, 2)}
+    summary = bench.summarize(runs)
+    assert summary["moco knn_top1"]["mean"] == pytest.approx(41.0)
+    assert summary["moco knn_top1"]["std"] == pytest.approx(1.0)
+    assert summary["knn margin"]["mean"] == pytest.approx(21.0)
+    assert summary["random linear_top1"]["std"] == pytest.approx(2.0)
