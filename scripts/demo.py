@@ -62,7 +62,11 @@ def pretrain(args, data):
             "--seed", str(args.seed), "--output-dir", out, data]
     print(f"\n== 1/3 pre-training: python main_moco.py {' '.join(argv)}", flush=True)
     main_moco.main(main_moco.get_args_parser().parse_args(argv))
-    return os.path.join(out, f"checkpoint_{args.epochs - 1:04d}.pth.tar")
+    final = os.path.join(out, f"checkpoint_{args.epochs - 1:04d}.pth.tar")
+    for name in os.listdir(out):  # a checkpoint per epoch is the reference's way; the demo keeps the last
+        if name.startswith("checkpoint_") and os.path.join(out, name) != final:
+            os.remove(os.path.join(out, name))
+    return final
 
 
 def knn_accuracy(args, data, checkpoint):

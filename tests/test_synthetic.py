@@ -115,7 +115,7 @@ def test_nuisance_factors_are_independent_of_the_label(medium_metadata):
     expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
     chi2 = ((table - expected) ** 2 / expected).sum()
     dof = (len(classes) - 1) * (len(kinds) - 1)  # 18: the 0.9999 quantile is about 49
-    assert chi2 < 49, chi2
+    assert chi2 < 49, (chi2, dof)
 
 
 def test_mean_colour_of_an_image_does_not_give_the_label_away(medium_metadata):
@@ -202,3 +202,13 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_describe_is_one_line():
     line = synthetic.describe()
     assert "\n" not in line and "classes" in line
+
+
+def test_default_dataset_tiny_is_quick_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCO_DATA_CACHE", str(tmp_path))
+    path = synthetic.default_dataset(seed=0, log=lambda *a: None, **synthetic.TINY)
+    assert synthetic.default_dataset(seed=0, log=lambda *a: None, **synthetic.TINY) == path
+    assert os.path.dirname(path) == str(tmp_path)
+    rows = synthetic.read_metadata(path)
+    tiny = synthetic.TINY
+    assert len(rows) == tiny["num_classes"] * (tiny["train_per_class"] + tiny["val_per_class"])
