@@ -20,8 +20,7 @@ from moco.loader import linear_train_transform, linear_val_transform
 from moco.logs import RunLog
 from moco.meters import TrainingMeters, topk_correct
 from moco.models import model_constructor
-from moco.runtime import (Precision, check_amp, per_process_batch, seed_everything, to_device,
-                          workers_per_process)
+from moco.runtime import Precision, check_amp, per_process_batch, setup_process, to_device
 from moco.schedule import adjust_learning_rate
 
 FC_KEYS = {"fc.weight", "fc.bias"}
@@ -135,11 +134,7 @@ def build_classifier(args, num_classes, device):
 def lincls_process(local_index, plan, args):
     with process_group(plan, local_index, args) as ctx:
         log = RunLog(args.output_dir, ctx.is_main)
-        if args.seed is not None:
-            seed_everything(args.seed)
-        torch.backends.cudnn.benchmark = args.seed is None
-        batch = per_process_batch(args.batch_size, ctx.procs_per_node)
-        workers = workers_per_process(args.workers, ctx.procs_per_node)
+        batch, workers = setup_process(args, ctx)
         val_set = RobustImageFolder(os.path.join(args.data, "val"), linear_val_transform(args.crop_size))
         train_set = None if args.evaluate else RobustImageFolder(
             os.path.join(args.data, "train"), linear_train_transform(args.crop_size),

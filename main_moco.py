@@ -23,8 +23,7 @@ from moco.loader import linear_val_transform, pretrain_transform
 from moco.logs import RunLog
 from moco.meters import TrainingMeters
 from moco.models import model_constructor
-from moco.runtime import (Precision, PreemptionSignal, check_amp, per_process_batch,
-                          seed_everything, to_device, workers_per_process)
+from moco.runtime import Precision, PreemptionSignal, check_amp, per_process_batch, setup_process, to_device
 from moco.schedule import adjust_learning_rate
 
 
@@ -106,11 +105,7 @@ def main(args):
 def train_process(local_index, plan, args):
     with process_group(plan, local_index, args) as ctx:
         log = RunLog(args.output_dir, ctx.is_main)
-        if args.seed is not None:
-            seed_everything(args.seed)
-        torch.backends.cudnn.benchmark = args.seed is None
-        batch = per_process_batch(args.batch_size, ctx.procs_per_node)
-        workers = workers_per_process(args.workers, ctx.procs_per_node)
+        batch, workers = setup_process(args, ctx)
 
         model, base = build_model(args, ctx)
         optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,

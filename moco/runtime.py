@@ -38,6 +38,16 @@ def to_device(images, device, channels_last=False):
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def setup_process(args, ctx):
+    """Seed like the reference (when --seed), pick the cuDNN mode, and return this process's share of
+    the node's batch and loader workers."""
+    if args.seed is not None:
+        seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = args.seed is None  # deterministic cuDNN needs it off
+    return (per_process_batch(args.batch_size, ctx.procs_per_node),
+            workers_per_process(args.workers, ctx.procs_per_node))
+
+
 def check_amp(args):
     if args.amp and not torch.cuda.is_available():
         raise UserError("--amp needs a CUDA GPU and none is available; run without --amp on the CPU")
