@@ -40,9 +40,9 @@ from torchvision import transforms as transforms_module
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moco import batch_aug, loader  # noqa: E402
+from moco import batch_aug, crops, device_crops, loader  # noqa: E402
 
-PIPELINES = ("tv-v1", "fast-v1", "tv-v2", "fast-v2")
+PIPELINES = ("tv-v1", "fast-v1", "dev-v1", "tv-v2", "fast-v2", "dev-v2")
 
 
 def make_image(rng, width, height):
@@ -71,21 +71,31 @@ def make_dataset(root, n_images, classes=4, seed=0):
 def build(pipeline, root, args, device):
     """(DataLoader, per-batch function) of one pipeline."""
     aug_plus = pipeline.endswith("v2")
+    image_loader, collate = datasets.folder.default_loader, None
     if pipeline.startswith("tv"):
         transform = loader.pretrain_transform(aug_plus=aug_plus, crop_size=args.crop_size)
         step = None
+    elif pipeline.startswith("dev"):  # --device-decode: bytes from the workers, decoded on `device`
+        transform = crops.EncodedTwoCrops(args.crop_size, aug_plus)
+        image_loader, collate = crops.read_encoded, crops.collate_encoded
+        decoder = device_crops.DeviceDecoder(args.crop_size, device)
+        augment = batch_aug.BatchAugment(aug_plus=aug_plus).to(device)
+
+        def step(images):
+            return augment(decoder(images))
     else:
         in_worker = args.draw_params_in == "worker"
         transform = batch_aug.crop_flip_transform(args.crop_size, aug_plus if in_worker else None)
+        image_loader = crops.open_path  # the transform decodes, in JPEG draft mode where the crops allow
         augment = batch_aug.BatchAugment(aug_plus=aug_plus).to(device)
 
         def step(images):
             if in_worker:  # [[q_u8, q_params], [k_u8, k_params]]
                 return augment([[x.to(device, non_blocking=True), p] for x, p in images])
             return augment([x.to(device, non_blocking=True) for x in images])
-    dataset = datasets.ImageFolder(root, transform)
+    dataset = datasets.ImageFolder(root, transform, loader=image_loader)
     data_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                             pin_memory=device.type == "cuda", drop_last=True)
+                             pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate)
     return data_loader, step
 
 
@@ -104,16 +114,19 @@ def _cpu_seconds(pids):
 
 
 def measure(pipeline, root, args, device):
-    """(images/s, CPU seconds per image) of one pass over the data, from the first batch to the last.
+    """(images/s, CPU seconds per image, worker CPU seconds per image) of one pass over the data, from
+    the first batch to the last.
 
     The CPU time is that of the main process and the loader's worker processes over the same span;
     2 cores / (CPU seconds per image) is the throughput the pipeline would reach with the cores to itself.
+    The workers' share is what a GPU machine pays on its CPUs when the batch side runs on the GPU.
     """
     data_loader, step = build(pipeline, root, args, device)
     iterator = iter(data_loader)
-    pids = [os.getpid()] + [w.pid for w in getattr(iterator, "_workers", [])]
+    workers = [w.pid for w in getattr(iterator, "_workers", [])]
+    pids = [os.getpid()] + workers
     last = len(data_loader) - 1
-    count, start, cpu_start = 0, None, None
+    count, start, cpu_start, worker_start = 0, None, None, None
     for index, (images, _) in enumerate(iterator):
         if step is not None:
             images = step(images)
@@ -121,13 +134,15 @@ def measure(pipeline, root, args, device):
             torch.cuda.synchronize(device)
         assert images[0].dtype == torch.float32 and images[0].shape[-1] == args.crop_size
         if index == 0:
-            start, cpu_start = time.perf_counter(), _cpu_seconds(pids)
+            start, cpu_start, worker_start = time.perf_counter(), _cpu_seconds(pids), _cpu_seconds(workers)
             continue
         count += images[0].shape[0]
         if index == last:  # before the loader shuts its workers down
-            elapsed, cpu_end = time.perf_counter() - start, _cpu_seconds(pids)
+            elapsed, cpu_end, worker_end = time.perf_counter() - start, _cpu_seconds(pids), _cpu_seconds(workers)
     cpu_per_image = None if cpu_start is None or cpu_end is None else (cpu_end - cpu_start) / count
-    return count / elapsed, cpu_per_image
+    worker_per_image = None if not workers or worker_start is None or worker_end is None else \
+        (worker_end - worker_start) / count
+    return count / elapsed, cpu_per_image, worker_per_image
 
 
 class _Timed:
@@ -233,9 +248,11 @@ def run(args):
         for r in range(args.rounds):
             result = {}
             for pipeline in args.pipelines:
-                speed, cpu = measure(pipeline, root, args, device)
-                result[pipeline] = {"images_per_s": speed, "cpu_ms_per_image": None if cpu is None else cpu * 1e3}
+                speed, cpu, worker = measure(pipeline, root, args, device)
+                result[pipeline] = {"images_per_s": speed, "cpu_ms_per_image": None if cpu is None else cpu * 1e3,
+                                    "worker_cpu_ms_per_image": None if worker is None else worker * 1e3}
                 cpu_text = "" if cpu is None else f", {cpu * 1e3:6.2f} CPU-ms/image"
+                cpu_text += "" if worker is None else f" ({worker * 1e3:5.2f} in workers)"
                 print(f"round {r}: {pipeline:8s} {speed:8.1f} images/s{cpu_text}", flush=True)
             rounds.append(result)
     finally:
@@ -244,26 +261,33 @@ def run(args):
     if not rounds:
         return {"config": vars(args), "profile_cpu_ms_per_image": profile}
     summary = {p: statistics.median(r[p]["images_per_s"] for r in rounds) for p in args.pipelines}
-    cpu_summary = {}
+    cpu_summary, worker_summary = {}, {}
     for p in args.pipelines:
         values = [r[p]["cpu_ms_per_image"] for r in rounds]
         cpu_summary[p] = None if None in values else statistics.median(values)
+        values = [r[p]["worker_cpu_ms_per_image"] for r in rounds]
+        worker_summary[p] = None if None in values else statistics.median(values)
     ratios = {}
-    for v in ("v1", "v2"):
-        fast, tv = f"fast-{v}", f"tv-{v}"
+    for v, fast, tv in [(v, f"{kind}-{v}", f"tv-{v}") for kind in ("fast", "dev") for v in ("v1", "v2")]:
         if tv in args.pipelines and fast in args.pipelines:
+            v = fast
             per_round = [r[fast]["images_per_s"] / r[tv]["images_per_s"] for r in rounds]
             ratios[v] = {"per_round": per_round, "median": statistics.median(per_round)}
             if cpu_summary[fast] is not None and cpu_summary[tv] is not None:
                 cpu_rounds = [r[tv]["cpu_ms_per_image"] / r[fast]["cpu_ms_per_image"] for r in rounds]
                 ratios[v]["cpu_per_round"] = cpu_rounds
                 ratios[v]["cpu_median"] = statistics.median(cpu_rounds)
+            if worker_summary[fast] and worker_summary[tv]:
+                worker_rounds = [r[tv]["worker_cpu_ms_per_image"] / r[fast]["worker_cpu_ms_per_image"] for r in rounds]
+                ratios[v]["worker_cpu_per_round"] = worker_rounds
+                ratios[v]["worker_cpu_median"] = statistics.median(worker_rounds)
     return {
         "config": {"workers": args.workers, "images": n_files, "batch_size": args.batch_size,
                    "crop_size": args.crop_size, "rounds": args.rounds, "device": str(device),
                    "main_threads": args.main_threads, "draw_params_in": args.draw_params_in,
                    "cpus": os.cpu_count(), "torch": torch.__version__},
         "rounds": rounds, "median_images_per_s": summary, "median_cpu_ms_per_image": cpu_summary,
+        "median_worker_cpu_ms_per_image": worker_summary,
         "ratio_fast_over_tv": ratios, "profile_cpu_ms_per_image": profile,
     }
 
@@ -298,15 +322,18 @@ def main(argv=None):
     if "median_images_per_s" not in result:
         return result
     print()
-    print(f"{'pipeline':10s} {'images/s':>10s} {'CPU-ms/image':>13s}   (medians over rounds)")
+    print(f"{'pipeline':10s} {'images/s':>10s} {'CPU-ms/image':>13s} {'in workers':>11s}   (medians over rounds)")
     for p, v in result["median_images_per_s"].items():
-        cpu = result["median_cpu_ms_per_image"][p]
-        print(f"{p:10s} {v:10.1f} {'n/a' if cpu is None else f'{cpu:.2f}':>13s}")
-    for v, r in result["ratio_fast_over_tv"].items():
+        cpu, worker = result["median_cpu_ms_per_image"][p], result["median_worker_cpu_ms_per_image"][p]
+        print(f"{p:10s} {v:10.1f} {'n/a' if cpu is None else f'{cpu:.2f}':>13s} "
+              f"{'n/a' if worker is None else f'{worker:.2f}':>11s}")
+    for name, r in result["ratio_fast_over_tv"].items():
         rounds = ", ".join(f"{x:.2f}" for x in r["per_round"])
-        print(f"ratio fast/tv {v}: images/s {r['median']:.2f}x (rounds: {rounds})", end="")
+        print(f"ratio {name} / tv: images/s {r['median']:.2f}x (rounds: {rounds})", end="")
         if "cpu_median" in r:
             print(f"; by CPU time per image {r['cpu_median']:.2f}x", end="")
+        if "worker_cpu_median" in r:
+            print(f"; by worker CPU time per image {r['worker_cpu_median']:.2f}x", end="")
         print()
     return result
 

@@ -80,3 +80,27 @@ def test_progress_meter_line_format():
     assert line == ("Epoch: [3][  7/120]\tTime  1.500 ( 1.000)\tLoss 2.0000e+00 (2.0000e+00)"
                     "\tLR 0.03\tImg/s 12.5")
     assert progress.line(119).startswith("Epoch: [3][119/120]\t")
+
+
+def test_training_meters_keep_values_on_the_device_until_read():
+    from moco.meters import TrainingMeters
+    meters = TrainingMeters(10, prefix="Epoch: [0]")
+    logits = torch.tensor([[3.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 5.0, 1.0, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0])
+    meters.update(torch.tensor(2.0), logits, labels)
+    meters.update(torch.tensor(4.0), logits, labels[:1])
+    assert meters.device_values.stale  # nothing read yet
+    assert meters.loss.val == 4.0 and meters.loss.avg == pytest.approx((2.0 * 2 + 4.0) / 3)
+    assert meters.top1.val == 100.0 and meters.top1.avg == pytest.approx(100.0 * 2 / 3)
+    assert meters.loss.count == 3 and not meters.device_values.stale
+    assert "Loss 4.0000e+00 (2.6667e+00)" in meters.line(1)
+
+
+def test_throughput_window_skips_the_start_and_splits_data_time():
+    from moco.meters import ThroughputWindow
+    window = ThroughputWindow(skip=10)
+    for step, now, data in [(0, 0.0, 0.0), (5, 9.0, 4.0), (10, 10.0, 5.0), (20, 12.0, 5.5), (30, 14.0, 6.0)]:
+        window.mark(step, now, data)
+    summary = window.summary(images_per_step=8)
+    assert summary == {"steady_images_per_s": 20 * 8 / 4.0, "steady_data_fraction": 0.25, "steady_steps": 20}
+    assert ThroughputWindow(skip=50).summary(8) == {}

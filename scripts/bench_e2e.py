@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""End-to-end pre-training throughput of main_moco.py itself, for several flag sets side by side.
+
+For each flag set it runs `main_moco.py` (a subprocess of this interpreter: the real script, loop,
+loader, workers and checkpoints) for two epochs on a generated ImageNet-like JPEG folder (500 x 375 or
+375 x 500 px, about 110 kB per file, scripts/bench_data.py) with the MoCo v2 recipe, and reads the
+second epoch's steady-state figures from its log.txt: images/s between the synchronised points of the
+loop (every --print-freq steps, where the host has waited for the device), from 10 % into the epoch to
+its end, and the fraction of that time spent waiting for data. The second epoch starts with an empty
+prefetch queue, so batches that the workers made while the first steps compiled or warmed up do not
+inflate it. Then it measures the step-only capacity of the same flags (scripts/bench_step.py: the same
+model on random tensors already on the device) and reports the ratio end-to-end / step-only.
+
+    python scripts/bench_e2e.py                 # GPU: ResNet-50, 224 px, batch 256, K 65536, -j 16
+    python scripts/bench_e2e.py --quick         # CPU: ResNet-18, 64 px, a few minutes
+
+Flag sets (--sets): default (the reference configuration: fp32, torchvision PIL pipeline), amp
+(--amp --channels-last), fast (+ --fast-aug), fast-compile (+ --compile), decode (--amp --channels-last
+--device-decode), decode-compile (+ --compile). Without CUDA, --amp and --compile are left out.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import bench_data  # noqa: E402
+import bench_step  # noqa: E402
+
+FLAG_SETS = {
+    "default": [],
+    "amp": ["--amp", "--channels-last"],
+    "fast": ["--amp", "--channels-last", "--fast-aug"],
+    "fast-compile": ["--amp", "--channels-last", "--fast-aug", "--compile"],
+    "decode": ["--amp", "--channels-last", "--device-decode"],
+    "decode-compile": ["--amp", "--channels-last", "--device-decode", "--compile"],
+}
+CUDA_ONLY = ("--amp", "--compile")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="end-to-end main_moco.py throughput",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU configuration, a few minutes")
+    parser.add_argument("--sets", nargs="+", default=list(FLAG_SETS), choices=list(FLAG_SETS))
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch", default=256, type=int, help="-b of main_moco.py")
+    parser.add_argument("--crop", default=224, type=int)
+    parser.add_argument("--moco-k", default=65536, type=int)
+    parser.add_argument("--workers", default=None, type=int, help="-j (default: the CPU count)")
+    parser.add_argument("--images", default=22528, type=int, help="generated training images")
+    parser.add_argument("--print-freq", default=10, type=int, help="-p: the synchronised points")
+    parser.add_argument("--data", default=None, help="existing folder with train/ (else generated)")
+    parser.add_argument("--step-steps", default=20, type=int, help="timed steps of the step-only run")
+    parser.add_argument("--skip-step", action="store_true", help="only the end-to-end runs")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    return parser
+
+
+def apply_quick(args):
+    args.arch, args.batch, args.crop, args.moco_k = "resnet18", 32, 64, 4096
+    args.images, args.print_freq, args.step_steps = 640, 2, 6
+    args.workers = args.workers or 2
+
+
+def _make_part(job):
+    root, start, stop, seed = job
+    rng = np.random.default_rng(seed)
+    for k in range(start, stop):
+        folder = os.path.join(root, "train", f"class_{k % 10}")
+        os.makedirs(folder, exist_ok=True)
+        width, height = (500, 375) if rng.random() < 0.7 else (375, 500)
+        bench_data.make_image(rng, width, height).save(os.path.join(folder, f"{k:06d}.jpg"), quality=95)
+
+
+def make_folder(root, images, processes):
+    """`images` ImageNet-like JPEG files under root/train/class_*/, made by `processes` processes."""
+    chunk = max(1, images // (4 * processes))
+    jobs = [(root, s, min(images, s + chunk), 1000 + s) for s in range(0, images, chunk)]
+    with multiprocessing.Pool(processes) as pool:
+        pool.map(_make_part, jobs)
+    return root
+
+
+def run_e2e(name, flags, args, data, out_root):
+    """Two epochs of main_moco.py with `flags`; the second epoch's log.txt record, plus wall time."""
+    out = os.path.join(out_root, name)
+    cmd = [sys.executable, os.path.join(REPO, "main_moco.py"), data, "-a", args.arch, "-b", str(args.batch),
+           "--crop-size", str(args.crop), "--moco-k", str(args.moco_k), "-j", str(args.workers),
+           "--epochs", "2", "-p", str(args.print_freq), "--output-dir", out,
+           "--mlp", "--moco-t", "0.2", "--aug-plus", "--cos", "--lr", "0.03"] + flags
+    if args.crop <= 32:
+        cmd.append("--cifar-stem")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "wall_s": wall}
+    with open(os.path.join(out, "log.txt")) as f:
+        records = [json.loads(line) for line in f if line.strip().startswith("{")]
+    last = [r for r in records if r.get("epoch") == 1][-1]
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints of a large model fill disks
+    return {**{k: last.get(k) for k in ("steady_images_per_s", "steady_data_fraction", "steady_steps",
+                                         "images_per_s", "epoch_time_s")}, "wall_s": round(wall, 1)}
+
+
+def run_step(flags, args, device):
+    """Step-only capacity of the same model and flags (random inputs on the device)."""
+    result = bench_step.run({
+        "arch": args.arch, "batch": args.batch, "crop": args.crop, "moco_k": args.moco_k, "mlp": True,
+        "moco_t": 0.2, "amp": "--amp" in flags, "channels_last": "--channels-last" in flags,
+        "compile": "--compile" in flags, "steps": args.step_steps, "warmup": 3, "device": str(device)})
+    return result["ours"]["images_per_s"]
+
+
+def main(args):
+    if args.quick:
+        apply_quick(args)
+    args.workers = args.workers if args.workers is not None else os.cpu_count()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sets = {}
+    for name in args.sets:
+        flags = FLAG_SETS[name]
+        if device.type != "cuda":
+            flags = [f for f in flags if f not in CUDA_ONLY]
+        if flags not in sets.values():
+            sets[name] = flags
+    tmp = tempfile.mkdtemp(prefix="bench_e2e_")
+    try:
+        data = args.data
+        if data is None:
+            t0 = time.perf_counter()
+            data = make_folder(os.path.join(tmp, "data"), args.images, os.cpu_count())
+            print(f"generated {args.images} JPEG files in {time.perf_counter() - t0:.0f} s", flush=True)
+        results = {}
+        for name, flags in sets.items():
+            row = run_e2e(name, flags, args, data, tmp)
+            if not args.skip_step and "error" not in row:
+                row["step_images_per_s"] = round(run_step(flags, args, device), 1)
+                if row.get("steady_images_per_s"):
+                    row["ratio_e2e_over_step"] = round(row["steady_images_per_s"] / row["step_images_per_s"], 3)
+            results[name] = {"flags": " ".join(flags) or "(none)", **row}
+            print(f"{name}: {results[name]}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {os.cpu_count()}"
+    report = {"device": device_name, "torch": torch.__version__,
+              "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def print_table(report):
+    print(f"\n{report['device']}, {report['config']['arch']}, batch {report['config']['batch']}, "
+          f"crop {report['config']['crop']}, K {report['config']['moco_k']}, -j {report['config']['workers']}")
+    print(f"| set | flags | end to end img/s | Data share | step-only img/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, r in report["results"].items():
+        if "error" in r:
+            print(f"| {name} | {r['flags']} | failed: {r['error']} | | | |")
+            continue
+        print(f"| {name} | {r['flags']} | {r.get('steady_images_per_s')} | {r.get('steady_data_fraction')} | "
+              f"{r.get('step_images_per_s', '-')} | {r.get('ratio_e2e_over_step', '-')} |")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,149 @@
+"""Device side of --device-decode (moco/device_crops.py): decoding, batched crops against PIL's, bad files."""
+import io
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision import transforms
+
+from moco.crops import EncodedTwoCrops, TwoCropsUint8, collate_encoded, read_encoded
+from moco.device_crops import DeviceDecoder, bilinear_weights, resized_crops, size_chunks
+
+BOXES = [(5, 7, 40, 50, 0), (0, 0, 60, 80, 1), (10, 20, 13, 17, 1), (3, 4, 30, 30, 0), (50, 70, 10, 10, 1)]
+
+
+def noise_image(height, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+
+
+def pil_crop(image, box, size):
+    """The reference's crop: torchvision's resized_crop of the PIL image (bilinear, antialiased), flipped."""
+    top, left, height, width, flip = box
+    out = TF.resized_crop(TF.to_pil_image(image), top, left, height, width, [size, size],
+                          interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+    out = TF.pil_to_tensor(out).float()
+    return out.flip(-1) if flip else out
+
+
+def test_weights_are_normalised_inside_the_box_and_flip_reverses_rows():
+    start, length = torch.tensor([3.0, 0.0]), torch.tensor([20.0, 7.0])
+    w = bilinear_weights(start, length, 30, 10)
+    assert w.shape == (2, 10, 30)
+    assert torch.allclose(w.sum(2), torch.ones(2, 10))
+    assert w[0, :, :3].abs().max() == 0 and w[0, :, 23:].abs().max() == 0  # nothing outside the box
+    assert w[1, :, 7:].abs().max() == 0
+    flipped = bilinear_weights(start, length, 30, 10, flip=torch.tensor([1.0, 0.0]))
+    assert torch.equal(flipped[0], w[0].flip(0)) and torch.equal(flipped[1], w[1])
+
+
+@pytest.mark.parametrize("method", ["matmul", "interpolate"])
+def test_batched_crops_match_pils_resized_crop(method):
+    """Shrinking, enlarging, flipped and whole-image boxes of images of different sizes: within a grey
+    level of the reference's PIL crop (PIL rounds to uint8 between its two passes)."""
+    images = [noise_image(60, 80, 0), noise_image(75, 90, 1), noise_image(64, 64, 2)]
+    boxes = torch.tensor([[BOXES[0], BOXES[1]], [BOXES[2], BOXES[4]], [BOXES[3], (0, 0, 64, 64, 0)]],
+                         dtype=torch.float64)
+    out = resized_crops(images, boxes, 24, method)
+    assert out.shape == (3, 2, 3, 24, 24) and out.dtype == torch.float32
+    for n, image in enumerate(images):
+        for c in range(2):
+            ref = pil_crop(image, [int(v) for v in boxes[n, c].tolist()], 24)
+            diff = (out[n, c] - ref).abs()
+            assert diff.max() <= 1.0 and diff.mean() < 0.4, (n, c, diff.max())
+
+
+def test_matmul_and_interpolate_agree():
+    images = [noise_image(50 + 7 * i, 40 + 11 * i, i) for i in range(5)]
+    g = torch.Generator().manual_seed(0)
+    boxes = []
+    for image in images:
+        h, w = image.shape[1:]
+        rows = []
+        for _ in range(2):
+            bh, bw = int(torch.randint(4, h + 1, (1,), generator=g)), int(torch.randint(4, w + 1, (1,), generator=g))
+            top, left = int(torch.randint(0, h - bh + 1, (1,), generator=g)), int(torch.randint(0, w - bw + 1, (1,), generator=g))
+            rows.append((top, left, bh, bw, int(torch.randint(0, 2, (1,), generator=g))))
+        boxes.append(rows)
+    boxes = torch.tensor(boxes, dtype=torch.float64)
+    a = resized_crops(images, boxes, 20, "matmul")
+    b = resized_crops(images, boxes, 20, "interpolate")
+    assert (a - b).abs().max() < 1e-3
+
+
+def test_size_chunks_cover_every_image_once_with_bounded_padding():
+    sizes = [(375, 500), (500, 375), (375, 500), (2000, 3000), (64, 64), (375, 500), (333, 500), (500, 500)]
+    chunks = size_chunks(sizes, max_chunk=3, max_padding=1.5)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(sizes)))
+    for chunk in chunks:
+        assert len(chunk) <= 3
+        padded = max(sizes[i][0] for i in chunk) * max(sizes[i][1] for i in chunk) * len(chunk)
+        assert len(chunk) == 1 or padded <= 1.5 * sum(sizes[i][0] * sizes[i][1] for i in chunk)
+    assert [3] in chunks  # the 2000 x 3000 image is padded with no other
+
+
+def smooth_jpeg(path, width, height, seed):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, height // 8 + 2, width // 8 + 2, generator=g)
+    field = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    pixels = (field[0] * 200 + 25).clamp(0, 255).round().to(torch.uint8)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path, quality=95)
+    return str(path)
+
+
+def encoded_batch(paths, size, seed, aug_plus=True):
+    transform = EncodedTwoCrops(size, aug_plus)
+    samples = []
+    for i, path in enumerate(paths):
+        torch.manual_seed(seed + i)
+        samples.append((transform(read_encoded(path)), 0))
+    return collate_encoded(samples)[0]
+
+
+def test_decoder_matches_the_worker_path_with_the_same_draws(tmp_path):
+    """Same seeds: the device path's crops and parameters equal the uint8 worker path's (same draws),
+    its pixels within a few grey levels (the worker resizes the box in one PIL pass)."""
+    paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 60 + 10 * i, 50, i) for i in range(3)]
+    Image.open(paths[0]).convert("L").save(tmp_path / "gray.jpg", quality=95)
+    Image.open(paths[1]).save(tmp_path / "png.png")
+    paths += [str(tmp_path / "gray.jpg"), str(tmp_path / "png.png")]
+    (q, q_params), (k, k_params) = DeviceDecoder(24, "cpu")(encoded_batch(paths, 24, seed=10))
+    assert q.shape == k.shape == (5, 3, 24, 24) and 0 <= q.min() and q.max() <= 1
+    worker = TwoCropsUint8(24, aug_plus=True)
+    for i, path in enumerate(paths):
+        torch.manual_seed(10 + i)
+        (wq, wq_params), (wk, wk_params) = worker(path)
+        assert torch.equal(wq_params, q_params[i]) and torch.equal(wk_params, k_params[i])
+        for ours, theirs in ((q[i], wq), (k[i], wk)):
+            diff = (ours * 255 - theirs.float()).abs()
+            assert diff[:, 1:-1, 1:-1].max() <= 2 and diff.mean() < 1.0, (path, diff.max())
+
+
+def test_undecodable_image_is_reported_and_replaced(tmp_path):
+    paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 48, 40, i) for i in range(3)]
+    data = io.BytesIO()
+    Image.open(paths[1]).save(data, format="JPEG", quality=95)
+    (tmp_path / "cut.jpg").write_bytes(data.getvalue()[:len(data.getvalue()) // 2])  # header kept, body cut
+    paths.insert(1, str(tmp_path / "cut.jpg"))
+    batch = encoded_batch(paths, 16, seed=0)
+    reported = []
+    (q, _), (k, _) = DeviceDecoder(16, "cpu", on_bad=lambda path, err: reported.append(path))(batch)
+    assert reported == [str(tmp_path / "cut.jpg")]
+    assert q.shape == (4, 3, 16, 16) and torch.isfinite(q).all() and torch.isfinite(k).all()
+    alone = encoded_batch([paths[0]], 16, seed=0)  # the replacement is the previous image, same crops
+    (q0, _), _ = DeviceDecoder(16, "cpu")(alone)
+    assert torch.allclose(q[0], q0[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoder_matches_the_cpu_decoder(tmp_path):
+    paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 300 + 20 * i, 200 + 30 * i, i) for i in range(6)]
+    batch = encoded_batch(paths, 64, seed=3)
+    cpu = DeviceDecoder(64, "cpu")(batch)
+    gpu = DeviceDecoder(64, "cuda")(batch)
+    for (a, pa), (b, pb) in zip(cpu, gpu):
+        assert torch.equal(pa, pb)
+        diff = (a - b.cpu()).abs() * 255  # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
+        assert diff.mean() < 1.0 and diff.max() <= 8

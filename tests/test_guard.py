@@ -1,0 +1,86 @@
+"""moco/guard.py: non-finite losses and SIGTERM, found without a host wait per step and agreed by all."""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moco.guard import NonFiniteLoss, StepGuard
+
+
+class Flag:
+    """What moco.runtime.PreemptionSignal exposes: whether SIGTERM arrived."""
+
+    def __init__(self, received=False):
+        self.received = received
+
+
+def test_finite_losses_pass_and_nothing_is_read_between_checks():
+    guard = StepGuard(torch.device("cpu"), Flag())
+    for value in (1.0, 2.5, 0.0):
+        guard.observe(torch.tensor(value))
+    assert guard.check(epoch=0, step=2) is False
+    assert guard.checked_step == (0, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nonfinite_loss_is_reported_at_the_next_check_with_its_range(bad):
+    guard = StepGuard(torch.device("cpu"), Flag())
+    guard.observe(torch.tensor(1.0))
+    assert guard.check(0, 9) is False
+    guard.observe(torch.tensor(bad))
+    guard.observe(torch.tensor(1.0))  # a finite loss later does not hide it
+    with pytest.raises(NonFiniteLoss) as info:
+        guard.check(0, 19)
+    assert (info.value.after, info.value.until) == ((0, 9), (0, 19))
+    assert "after epoch 0, step 9 and by epoch 0, step 19" in info.value.describe()
+
+
+def test_sigterm_is_returned_by_check_and_due_at_once_when_alone():
+    flag = Flag()
+    guard = StepGuard(torch.device("cpu"), flag)
+    assert not guard.due(3, print_freq=10, last_step=99)
+    assert guard.due(10, print_freq=10, last_step=99) and guard.due(99, print_freq=10, last_step=99)
+    flag.received = True
+    assert guard.due(3, print_freq=10, last_step=99)  # a world of one needs no agreement: stop now
+    assert guard.check(0, 3) is True
+
+
+def _worker(rank, store, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        flag = Flag()
+        guard = StepGuard(torch.device("cpu"), flag)
+        # only rank 1 is sent SIGTERM: both learn it at the same check; a world of two waits for it
+        flag.received = rank == 1
+        assert guard.due(3, print_freq=10, last_step=99) is False
+        assert guard.check(0, 10) is True
+        flag.received = False
+        # only rank 0 meets a NaN: both stop at the same check
+        guard.observe(torch.tensor(float("nan") if rank == 0 else 1.0))
+        try:
+            guard.check(0, 20)
+        except NonFiniteLoss as err:
+            assert err.until == (0, 20)
+            open(os.path.join(outdir, f"ok.{rank}"), "w").close()
+    except BaseException:
+        with open(os.path.join(outdir, f"fail.{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_processes_agree_in_a_two_process_group(tmp_path):
+    try:
+        mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                           start_method="fork")
+    except Exception as exc:
+        failures = "\n".join(p.read_text() for p in sorted(tmp_path.glob("fail.*")))
+        pytest.fail(f"2-process guard failed:\n{failures or exc}")
+    assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()
