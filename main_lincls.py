@@ -4,6 +4,7 @@
 Every backbone tensor is frozen and the network runs in eval() mode, so BN statistics never change;
 only fc.weight and fc.bias are trained, by SGD with a step schedule.
 """
+import contextlib
 import os
 import time
 
@@ -17,9 +18,10 @@ from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_lo
 from moco.distributed import all_reduce_sum, plan_launch, process_group, run_processes, wrap_ddp
 from moco.errors import UserError, run_cli
 from moco.loader import linear_train_transform, linear_val_transform
-from moco.logs import RunLog
+from moco.logs import RunLog, require_tensorboard
 from moco.meters import TrainingMeters, topk_correct
 from moco.models import model_constructor
+from moco.outdir import RunLock, check_output_dir
 from moco.runtime import Precision, check_amp, per_process_batch, setup_process, to_device
 from moco.schedule import adjust_learning_rate
 
@@ -33,6 +35,10 @@ def get_args_parser():
     parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
                         help="evaluate model on validation set")
     parser.add_argument("--pretrained", default="", type=str, help="path to moco pretrained checkpoint")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start afresh even where --output-dir holds another linear run's "
+                             "checkpoint.pth.tar and model_best.pth.tar, which this run then replaces "
+                             "(without it, a run with the same flags is resumed and any other refused)")
     return parser
 
 
@@ -87,6 +93,7 @@ def sanity_check(model_state, pretrained_backbone):
 # Checks before any process starts.
 # --------------------------------------------------------------------------------------------------
 def preflight(args, plan):
+    cli.check_args(args)
     check_amp(args)
     require_split(args.data, "val")
     if not args.evaluate:
@@ -101,18 +108,88 @@ def preflight(args, plan):
         if "best_acc1" not in checkpoint:
             raise UserError(f"--resume checkpoint '{args.resume}' is not a linear-classification checkpoint "
                             f"(no best_acc1); to start from MoCo weights use --pretrained")
+        if not args.evaluate and checkpoint.get("epoch", 0) > args.epochs:
+            raise UserError(f"--epochs {args.epochs} is below the {checkpoint['epoch']} epochs already done in "
+                            f"--resume checkpoint '{args.resume}'; pass a larger --epochs to train on")
         if checkpoint.get("arch", args.arch) != args.arch:
             raise UserError(f"--resume checkpoint '{args.resume}' was trained with --arch "
                             f"{checkpoint['arch']}, this run uses --arch {args.arch}")
+    if not args.evaluate:
+        check_output_dir(args.output_dir)
+
+
+# what makes two linear runs the same run: a run with equal values resumes the other's checkpoint
+RUN_IDENTITY = (("arch", "--arch"), ("pretrained", "--pretrained"), ("data", "DIR"), ("lr", "--lr"),
+                ("batch_size", "--batch-size"), ("schedule", "--schedule"), ("momentum", "--momentum"),
+                ("weight_decay", "--wd"), ("crop_size", "--crop-size"), ("cifar_stem", "--cifar-stem"),
+                ("seed", "--seed"))
+
+
+def run_identity(args):
+    """The flags of RUN_IDENTITY, with paths made absolute; stored in every checkpoint as `run`."""
+    identity = {dest: getattr(args, dest) for dest, _ in RUN_IDENTITY}
+    for dest in ("pretrained", "data"):
+        identity[dest] = os.path.realpath(identity[dest]) if identity[dest] else ""
+    return identity
+
+
+def earlier_run(args, log):
+    """Decide what to do with an earlier run's results in --output-dir: resume them (same flags), replace
+    them (--fresh), or refuse. Returns (checkpoint to resume from or '', None), or (None, its best top-1)
+    when the earlier run already did all --epochs."""
+    path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+    best = os.path.join(args.output_dir, "model_best.pth.tar")
+    if not os.path.exists(path) and not os.path.exists(best):
+        return args.resume, None
+    if args.fresh:
+        log.info(f"=> --fresh: this run replaces the linear results in '{args.output_dir}'")
+        return args.resume, None
+    hint = "choose another --output-dir, or pass --fresh to start over and replace them"
+    if not os.path.exists(path):
+        raise UserError(f"--output-dir '{args.output_dir}' holds '{best}' of an earlier run but no "
+                        f"checkpoint.pth.tar to resume; {hint}")
+    checkpoint = load_checkpoint(path, what="checkpoint of an earlier run in --output-dir")
+    if "best_acc1" not in checkpoint:
+        raise UserError(f"--output-dir '{args.output_dir}' holds '{path}', which is not a linear-"
+                        f"classification checkpoint; {hint}")
+    theirs, ours = checkpoint.get("run"), run_identity(args)
+    if not isinstance(theirs, dict):
+        raise UserError(f"--output-dir '{args.output_dir}' holds the results of a linear run that did not "
+                        f"record its flags ('{path}'); {hint}")
+    for dest, flag in RUN_IDENTITY:
+        if theirs.get(dest) != ours[dest]:
+            raise UserError(f"--output-dir '{args.output_dir}' holds the results of another linear run "
+                            f"({flag} {theirs.get(dest)!r} there, {ours[dest]!r} here); {hint}")
+    done = checkpoint.get("epoch", 0)
+    if done > args.epochs:
+        raise UserError(f"--epochs {args.epochs} is below the {done} epochs already done in '{path}'; pass a "
+                        f"larger --epochs to train on, or another --output-dir for a new run")
+    if done == args.epochs:
+        log.info(f"=> nothing to do: '{path}' already holds all {args.epochs} epochs of this run (best top-1 "
+                 f"{checkpoint['best_acc1']:.3f})")
+        return None, float(checkpoint["best_acc1"])
+    if args.resume and os.path.realpath(args.resume) != os.path.realpath(path):
+        raise UserError(f"--output-dir '{args.output_dir}' holds this run's '{path}' ({done} epochs) and "
+                        f"--resume names another checkpoint; drop --resume to continue it, or pass --fresh")
+    return path, None
 
 
 def main(args):
+    require_tensorboard(args.tensorboard)
     if args.data is None:
         from moco.synthetic import default_dataset
         args.data = default_dataset(log=print)
     plan = plan_launch(args)
     preflight(args, plan)
-    return run_processes(lincls_process, plan, args)
+    if args.evaluate:  # writes nothing
+        return run_processes(lincls_process, plan, args)
+    log = RunLog(args.output_dir, is_main=plan.rank == 0)
+    # one run at a time per --output-dir: process 0 of the run holds the lock while it lives
+    with RunLock(args.output_dir, "main_lincls.py", log.info) if plan.rank == 0 else contextlib.nullcontext():
+        args.resume, finished_best = earlier_run(args, log)
+        if args.resume is None:
+            return {"best_acc1": finished_best}
+        return run_processes(lincls_process, plan, args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,8 +209,8 @@ def build_classifier(args, num_classes, device):
 
 
 def lincls_process(local_index, plan, args):
-    with process_group(plan, local_index, args) as ctx:
-        log = RunLog(args.output_dir, ctx.is_main)
+    with process_group(plan, local_index, args) as ctx, \
+            RunLog(args.output_dir, ctx.is_main, args.tensorboard) as log:
         batch, workers = setup_process(args, ctx)
         val_set = RobustImageFolder(os.path.join(args.data, "val"), linear_val_transform(args.crop_size))
         train_set = None if args.evaluate else RobustImageFolder(
@@ -194,7 +271,8 @@ def resume(args, model, optimizer, log):
 def save_linear(args, epoch, model, optimizer, best_acc1, is_best):
     path = os.path.join(args.output_dir, "checkpoint.pth.tar")
     save_checkpoint({"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
-                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict()}, path)
+                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict(), "run": run_identity(args)},
+                    path)
     if is_best:
         copy_checkpoint(path, os.path.join(args.output_dir, "model_best.pth.tar"))
 
@@ -219,6 +297,7 @@ def train_one_epoch(loader, model, optimizer, precision, epoch, lr, args, ctx, l
         end = time.time()
         if i % args.print_freq == 0:
             log.info(meters.line(i, [f"LR {lr:.4g}"]))
+            log.scalars(epoch * len(loader) + i, meters, lr=lr)
     return {"train_loss": meters.loss.avg, "train_acc1": meters.top1.avg, "train_acc5": meters.top5.avg,
             "lr": lr}
 

@@ -4,6 +4,7 @@
 Launch: `python main_moco.py DIR` (one device, or every local GPU), the reference's
 `--multiprocessing-distributed --dist-url ... --world-size N --rank R`, torchrun, or SLURM srun.
 """
+import contextlib
 import os
 import random
 import time
@@ -11,19 +12,25 @@ import time
 import torch
 
 from moco import builder, cli, knn
-from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint,
-                             load_checkpoint, pretrain_checkpoint_name, restore_rng_state,
-                             restore_training_state, save_checkpoint)
+from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint, first_nonfinite,
+                             is_pretrain_state_dict, load_checkpoint, optimizer_tensors, pretrain_checkpoint_name,
+                             restore_rng_state, restore_training_state, save_checkpoint,
+                             scan_resume_checkpoints)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
-from moco.distributed import (all_reduce_max, all_reduce_sum, broadcast_from_main, plan_launch,
+from moco.distributed import (all_reduce_max, broadcast_from_main, plan_launch,
                               process_group, run_processes, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
-from moco.batch_aug import BatchAugment, crop_flip_transform
+from moco.guard import NonFiniteLoss, StepGuard
+from moco.batch_aug import BatchAugment
+from moco.crops import EncodedTwoCrops, collate_encoded, crop_flip_transform, open_path, read_encoded
+from moco.device_batches import DeviceBatches
+from moco.device_crops import DeviceDecoder
 from moco.loader import linear_val_transform, pretrain_transform
-from moco.logs import RunLog
-from moco.meters import TrainingMeters
+from moco.logs import RunLog, require_tensorboard
+from moco.meters import ThroughputWindow, TrainingMeters
 from moco.models import model_constructor
-from moco.runtime import Precision, PreemptionSignal, check_amp, per_process_batch, setup_process, to_device
+from moco.outdir import RunLock, check_output_dir
+from moco.runtime import Precision, PreemptionSignal, check_amp, per_process_batch, setup_process
 from moco.schedule import adjust_learning_rate
 
 
@@ -45,6 +52,10 @@ def get_args_parser():
                         help="loader workers only decode, crop and flip (uint8); colour jitter, grayscale, "
                              "blur and normalisation run on the whole batch on the training device, with "
                              "the same per-image distributions")
+    parser.add_argument("--device-decode", action="store_true",
+                        help="with --fast-aug: loader workers only read the files and draw the crops; the "
+                             "training device decodes the JPEGs (nvJPEG on CUDA), crops, resizes and flips "
+                             "the batch (implies --fast-aug)")
     parser.add_argument("--symmetric", action="store_true",
                         help="symmetric loss: each crop is query once and key once (losses summed)")
     parser.add_argument("--knn-freq", default=0, type=int, metavar="N",
@@ -58,7 +69,8 @@ def get_args_parser():
 # Checks that run once, before any process starts training.
 # --------------------------------------------------------------------------------------------------
 def preflight(args, plan):
-    """Fail on bad input before anything is written; return the checkpoint to resume from (or '')."""
+    """Fail on bad input before anything is written or any process starts."""
+    cli.check_args(args)
     check_amp(args)
     require_split(args.data, "train")
     if args.knn_freq > 0:
@@ -72,53 +84,94 @@ def preflight(args, plan):
         builder.check_queue_divisible(args.moco_k, keys_per_step)
     except ValueError as err:
         raise UserError(str(err)) from None
-    if args.resume:
-        return check_resume_file(args.resume, args.arch)
-    log = RunLog(args.output_dir, is_main=plan.rank == 0)
-    return find_resume_checkpoint(args.output_dir, args.arch, log=log.info) or ""
+    check_output_dir(args.output_dir)
 
 
 def check_resume_file(path, arch):
+    """The loaded --resume checkpoint, or UserError unless it is a MoCo pre-training checkpoint of `arch`."""
     checkpoint = load_checkpoint(path, what="--resume checkpoint")
     state_dict = checkpoint_state_dict(checkpoint, path, what="--resume checkpoint")
-    if not any(".encoder_q." in key or key.startswith("encoder_q.") for key in state_dict):
+    if not is_pretrain_state_dict(state_dict):
         raise UserError(f"--resume checkpoint '{path}' is not a MoCo pre-training checkpoint "
                         f"(no encoder_q weights)")
     if checkpoint.get("arch", arch) != arch:
         raise UserError(f"--resume checkpoint '{path}' was trained with --arch {checkpoint['arch']}, "
                         f"this run uses --arch {arch}")
+    return checkpoint
+
+
+def resume_point(args, log):
+    """The checkpoint to resume from ('' to start afresh), or None when it already holds all --epochs.
+
+    Refuses --epochs below the progress already made, and a run that would replace a file in
+    --output-dir it did not write (one auto-resume skipped, or another run's).
+    """
+    skipped = {}
+    if args.resume:
+        checkpoint = check_resume_file(args.resume, args.arch)
+        path, progress = args.resume, (checkpoint.get("epoch", 0), checkpoint.get("step_in_epoch", 0))
+    else:
+        scan = scan_resume_checkpoints(args.output_dir, args.arch)
+        for skipped_path, _, reason in scan.skipped:
+            log.info(f"=> skipping {reason}")
+            skipped[skipped_path] = reason
+        path, progress = scan.path or "", scan.progress if scan.path else (args.start_epoch, 0)
+    done, step = progress
+    if (args.epochs, 0) < progress:
+        where = f"'{path}' holds {done} epochs{f' and {step} steps' if step else ''}" if path else \
+            f"--start-epoch {args.start_epoch} lies beyond it"
+        raise UserError(f"--epochs {args.epochs} is below the progress already made ({where}); pass a larger "
+                        f"--epochs to train on, or another --output-dir for a new run")
+    if path and progress == (args.epochs, 0):
+        log.info(f"=> nothing to do: '{path}' already holds all {args.epochs} epochs")
+        return None
+    for epoch in range(done, args.epochs):
+        ahead = os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))
+        if os.path.exists(ahead):
+            why = skipped.get(ahead, f"'{ahead}' is newer than the checkpoint this run starts from")
+            raise UserError(f"this run would replace {ahead} after epoch {epoch}, a file it did not write "
+                            f"({why}); move it away or choose another --output-dir")
     return path
 
 
 def main(args):
+    require_tensorboard(args.tensorboard)
     if args.data is None:
         from moco.synthetic import default_dataset
         args.data = default_dataset(log=print)
     plan = plan_launch(args)
-    args.resume = preflight(args, plan)
-    return run_processes(train_process, plan, args)
+    preflight(args, plan)
+    log = RunLog(args.output_dir, is_main=plan.rank == 0)
+    # one run at a time per --output-dir: process 0 of the run holds the lock while it lives
+    with RunLock(args.output_dir, "main_moco.py", log.info) if plan.rank == 0 else contextlib.nullcontext():
+        args.resume = resume_point(args, log)
+        if args.resume is None:
+            return None
+        return run_processes(train_process, plan, args)
 
 
 # --------------------------------------------------------------------------------------------------
 # One training process.
 # --------------------------------------------------------------------------------------------------
 def train_process(local_index, plan, args):
-    with process_group(plan, local_index, args) as ctx:
-        log = RunLog(args.output_dir, ctx.is_main)
+    with process_group(plan, local_index, args) as ctx, \
+            RunLog(args.output_dir, ctx.is_main, args.tensorboard) as log:
         batch, workers = setup_process(args, ctx)
 
         model, base = build_model(args, ctx)
-        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
         precision = Precision(args.amp, ctx.device)
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay, fused=precision.fused_sgd or None)
         state = TrainState(data_seed=draw_data_seed(args, ctx.device), epoch=args.start_epoch)
         if args.resume:
             resume(args.resume, model, optimizer, precision, state, ctx, log)
+        precision.configure(optimizer)  # after resume: loading restores the optimizer's flags
 
-        dataset = RobustImageFolder(os.path.join(args.data, "train"), train_transform(args), state.data_seed)
-        augment = BatchAugment(aug_plus=args.aug_plus).to(ctx.device) if args.fast_aug else None
+        dataset = train_dataset(args, state.data_seed)
         sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, state.data_seed, batch)
-        loader = make_loader(dataset, sampler, batch, workers, ctx.device, drop_last=True)
+        loader = make_loader(dataset, sampler, batch, workers, ctx.device, drop_last=True,
+                             collate_fn=collate_encoded if args.device_decode else None)
+        batches = device_batches(args, loader, dataset, ctx.device)
         if sampler.steps_per_epoch() == 0:
             raise UserError(f"the {len(dataset)} training images give no full batch of {batch} per process")
         knn_loaders = make_knn_loaders(args, ctx, batch, workers) if args.knn_freq > 0 else None
@@ -127,11 +180,12 @@ def train_process(local_index, plan, args):
         log.info(f"=> model: MoCo over {args.arch}{' + MLP head' if args.mlp else ''}, "
                  f"{sum(p.numel() for p in base.parameters())} parameters in each encoder")
         with PreemptionSignal() as preemption:
+            guard = StepGuard(ctx.device, preemption)
             for epoch in range(state.epoch, args.epochs):
                 sampler.set_epoch(epoch, state.step_in_epoch)
                 lr = adjust_learning_rate(optimizer, epoch, args, cos=args.cos)
-                stats = train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, ctx, log,
-                                        lr, state, preemption, sampler.steps_per_epoch())
+                stats = train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log,
+                                        lr, state, guard, sampler.steps_per_epoch())
                 stats["bad_images"] = merge_bad_images(dataset, ctx.device)
                 if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
                     stats["knn_top1"] = knn.knn_top1(base, *knn_loaders, ctx.device, args.knn_k,
@@ -139,7 +193,8 @@ def train_process(local_index, plan, args):
                     log.info(f"=> epoch {epoch}: kNN top-1 {stats['knn_top1']:.2f}")
                 state.epoch, state.step_in_epoch = epoch + 1, 0
                 path = save(args, model, optimizer, precision, state, ctx)
-                log.record({"epoch": epoch, **stats, "checkpoint": path})
+                log.record({"epoch": epoch, **stats, "checkpoint": path, "moco_k": args.moco_k,
+                            "symmetric": args.symmetric})
         log.info(f"=> done: {args.epochs} epochs; checkpoints and log.txt in {os.path.abspath(args.output_dir)}")
 
 
@@ -192,42 +247,54 @@ def describe_run(args, ctx, batch, workers, precision, num_images):
             f"args: {vars(args)}")
 
 
-def train_transform(args):
-    """The reference's PIL pipeline, or with --fast-aug the worker half of moco.batch_aug's (uint8
-    crops plus each crop's colour parameters, drawn in the worker so they follow the per-sample seed)."""
+def train_dataset(args, data_seed):
+    """DIR/train with the reference's PIL pipeline; with --fast-aug the worker half of the fast path
+    (uint8 crops plus each crop's colour parameters, drawn in the worker so they follow the per-sample
+    seed); with --device-decode only the file bytes and the same draws."""
+    root = os.path.join(args.data, "train")
+    if args.device_decode:
+        return RobustImageFolder(root, EncodedTwoCrops(args.crop_size, args.aug_plus), data_seed,
+                                 loader=read_encoded)
     if args.fast_aug:
-        return crop_flip_transform(args.crop_size, aug_plus=args.aug_plus)
-    return pretrain_transform(args.aug_plus, args.crop_size)
+        return RobustImageFolder(root, crop_flip_transform(args.crop_size, aug_plus=args.aug_plus), data_seed,
+                                 loader=open_path, decodes_in_transform=True)
+    return RobustImageFolder(root, pretrain_transform(args.aug_plus, args.crop_size), data_seed)
 
 
-def prepare_batch(images, augment, device, channels_last):
-    """Both crops on the device; with --fast-aug, their colour augmentation and normalisation there."""
-    if augment is not None:
-        images = augment([[crop.to(device, non_blocking=True), params] for crop, params in images])
-    return [to_device(crop, device, channels_last) for crop in images]
+def device_batches(args, loader, dataset, device):
+    """The loader's batches prepared on the device one batch ahead (moco.device_batches)."""
+    fast = args.fast_aug or args.device_decode
+    augment = BatchAugment(aug_plus=args.aug_plus).to(device) if fast else None
+    decoder = DeviceDecoder(args.crop_size, device, on_bad=dataset.report_unreadable) if args.device_decode else None
+    return DeviceBatches(loader, device, augment=augment, decoder=decoder, channels_last=args.channels_last)
 
 
-def train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, ctx, log, lr, state, preemption,
-                    steps):
+def train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log, lr, state, guard, steps):
+    """One epoch from `state.step_in_epoch`. Nothing in a step waits for the device except the
+    StepGuard check every --print-freq steps (which also prints the meters) and the epoch's end."""
     meters = TrainingMeters(steps, prefix=f"Epoch: [{epoch}]")
+    window = ThroughputWindow(skip=state.step_in_epoch + max(1, steps // 10))
     model.train()
     start_step = state.step_in_epoch
     epoch_start = end = time.time()
-    for i, (images, _) in enumerate(loader, start=start_step):
-        im_q, im_k = prepare_batch(images, augment, ctx.device, args.channels_last)
-        # with --fast-aug, the batch augmentation counts as data time
-        meters.data_time.update(time.time() - end)
+    for i, (im_q, im_k) in enumerate(batches, start=start_step):
+        meters.data_time.update(time.time() - end)  # waiting for the loader (and, on the CPU, --fast-aug)
         with precision.autocast():
             logits, labels = model(im_q, im_k)
             loss = builder.contrastive_loss(logits.float(), labels, args.symmetric)
-        stop_now = check_step(loss, preemption, ctx, epoch, i, args)
+        guard.observe(loss)
         meters.update(loss, logits, labels)
         precision.backward_and_step(loss, optimizer)
         meters.batch_time.update(time.time() - end)
         end = time.time()
+        if not guard.due(i, args.print_freq, steps - 1):
+            continue
+        stop_now = check_step(guard, epoch, i, args)
+        window.mark(i, time.time(), meters.data_time.sum)
         if i % args.print_freq == 0:
-            images_per_s = im_q.shape[0] * ctx.world_size / max(meters.batch_time.val, 1e-9)
+            images_per_s = im_q.shape[0] * ctx.world_size / max(meters.batch_time.avg, 1e-9)
             log.info(meters.line(i, [f"LR {lr:.4g}", f"Img/s {images_per_s:.1f}"]))
+            log.scalars(epoch * steps + i, meters, lr=lr, images_per_s=images_per_s)
         if stop_now:
             state.epoch, state.step_in_epoch = epoch, i + 1
             path = save(args, model, optimizer, precision, state, ctx)
@@ -236,9 +303,11 @@ def train_one_epoch(loader, augment, model, optimizer, precision, epoch, args, c
             raise Preempted(path)
     seconds = time.time() - epoch_start
     done = steps - start_step
+    images_per_step = batches.loader.batch_size * ctx.world_size
     return {"loss": meters.loss.avg, "acc1": meters.top1.avg, "acc5": meters.top5.avg, "lr": lr, "steps": done,
             "epoch_time_s": round(seconds, 3),
-            "images_per_s": round(done * loader.batch_size * ctx.world_size / max(seconds, 1e-9), 1)}
+            "images_per_s": round(done * images_per_step / max(seconds, 1e-9), 1),
+            **window.summary(images_per_step)}
 
 
 def merge_bad_images(dataset, device):
@@ -249,17 +318,15 @@ def merge_bad_images(dataset, device):
     return int(flags.sum())
 
 
-def check_step(loss, preemption, ctx, epoch, step, args):
-    """Agree across processes on a non-finite loss (stop with an error) or a SIGTERM (save and stop)."""
-    flags = torch.tensor([0 if torch.isfinite(loss).item() else 1, int(preemption.received)],
-                         device=ctx.device)
-    nonfinite, preempted = all_reduce_sum(flags).tolist()
-    if nonfinite:
-        last = find_resume_checkpoint(args.output_dir, args.arch, log=lambda _: None)
-        raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; stopping before it "
-                        f"reaches the weights. Last good checkpoint: {last or 'none yet'}. "
-                        f"Try a lower --lr or check the data")
-    return bool(preempted)
+def check_step(guard, epoch, step, args):
+    """Agree across processes on a non-finite loss since the last check (stop with an error, before
+    any checkpoint is written) or a SIGTERM (True: save and stop)."""
+    try:
+        return guard.check(epoch, step)
+    except NonFiniteLoss as err:
+        last = find_resume_checkpoint(args.output_dir, args.arch, log=lambda _: None) or args.resume
+        raise UserError(f"{err.describe()}; stopping before it reaches a checkpoint. Last good checkpoint: "
+                        f"{last or 'none yet'}. Try a lower --lr or check the data") from None
 
 
 def save(args, model, optimizer, precision, state, ctx):
@@ -269,12 +336,22 @@ def save(args, model, optimizer, precision, state, ctx):
     name = pretrain_checkpoint_name(state.epoch - 1 if not state.step_in_epoch else state.epoch,
                                     state.step_in_epoch)
     path = os.path.join(args.output_dir, name)
+    state_dict, optimizer_state = model.state_dict(), optimizer.state_dict()
+    # every process holds the same weights, so all of them stop here together
+    bad = first_nonfinite(list(state_dict.items()) + list(optimizer_tensors(optimizer_state)))
+    if bad is not None:
+        last = find_resume_checkpoint(args.output_dir, args.arch, log=lambda _: None) or args.resume
+        raise UserError(f"'{bad}' became non-finite (NaN or inf) by epoch {state.epoch}, step "
+                        f"{state.step_in_epoch}; {name} was not written. Last good checkpoint: "
+                        f"{last or 'none yet'}. Try a lower --lr or check the data")
+    if ctx.is_main and os.path.exists(path):
+        raise UserError(f"this run would replace {path}, a file it did not write; move it away and resume")
     if ctx.is_main:
         save_checkpoint({
             "epoch": state.epoch,
             "arch": args.arch,
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "state_dict": state_dict,
+            "optimizer": optimizer_state,
             "step_in_epoch": state.step_in_epoch,
             "data_seed": state.data_seed,
             "args": {key: value for key, value in vars(args).items()},
@@ -286,6 +363,11 @@ def save(args, model, optimizer, precision, state, ctx):
 
 def resume(path, model, optimizer, precision, state, ctx, log):
     checkpoint = restore_training_state(path, model, optimizer)
+    bad = first_nonfinite(list(checkpoint["state_dict"].items()) +
+                          list(optimizer_tensors(checkpoint.get("optimizer") or {})))
+    if bad is not None:
+        raise UserError(f"checkpoint '{path}' holds non-finite weights ('{bad}'); resume from an earlier one "
+                        f"with --resume")
     precision.load_state_dict(checkpoint.get("scaler"))
     state.epoch = checkpoint.get("epoch", 0)
     state.step_in_epoch = checkpoint.get("step_in_epoch", 0)

@@ -4,12 +4,11 @@ Pre-training checkpoints keep the reference format (`epoch`, `arch`, `state_dict
 `optimizer`) and add what exact resumption needs. Everything stored is plain data (tensors, numbers,
 strings, lists, dicts), so every checkpoint loads with `torch.load(weights_only=True)`.
 """
+import errno
 import os
-import pickle
 import random
 import re
 import shutil
-import zipfile
 
 import numpy as np
 import torch
@@ -20,27 +19,50 @@ PRETRAIN_NAME = re.compile(r"^checkpoint_(\d{4,})(?:_iter(\d{6,}))?\.pth\.tar$")
 
 
 def save_checkpoint(state, path):
-    """Write `state` to `path` atomically: a killed save leaves the previous file intact."""
+    """Write `state` to `path` atomically: a killed or failed save (a full disk, a file size limit)
+    leaves the previous file intact and no partial file behind; a failure raises UserError naming
+    the file and the reason."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise UserError(f"cannot write checkpoint '{path}': {write_failure(err)}; nothing was replaced, the "
+                        f"partial file is removed") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def write_failure(err):
+    """Why a write failed, in words: the system's reason, or (torch.save hides it) the likely ones."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return "the write failed (disk full, or over a file size limit?)"
+
+
+def describe_error(err):
+    """`err` in a few words for a one-line message: its strerror, or its type and first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first[:160]}" if first else type(err).__name__
+
+
 def copy_checkpoint(src, dst):
-    """Copy a checkpoint file atomically (used for model_best.pth.tar)."""
+    """Copy a checkpoint file atomically (used for model_best.pth.tar); a failure raises UserError."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp{os.getpid()}")
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+    except OSError as err:
+        raise UserError(f"cannot write checkpoint '{dst}': {write_failure(err)}; nothing was replaced, the "
+                        f"partial file is removed") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -54,8 +76,12 @@ def load_checkpoint(path, what="checkpoint"):
         raise UserError(f"{what} '{path}' is a directory, not a checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            AttributeError, ImportError, IndexError, KeyError, TypeError, UnicodeDecodeError) as err:
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EIO) and err.strerror:  # the file system's reason
+            raise UserError(f"cannot read {what} '{path}': {err.strerror}") from None
+        raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint: corrupt, truncated, or "
+                        f"holding more than tensors and plain data ({describe_error(err)})") from None
+    except Exception as err:  # noqa: BLE001  (any failure of the loader is the file's)
         # the safe loader also refuses files holding arbitrary python objects: we never run their code
         raise UserError(f"{what} '{path}' is not a readable PyTorch checkpoint: corrupt, truncated, or "
                         f"holding more than tensors and plain data ({type(err).__name__})") from None
@@ -146,23 +172,73 @@ def pretrain_checkpoints(output_dir):
     return sorted(found, key=lambda item: item[1], reverse=True)
 
 
-def find_resume_checkpoint(output_dir, arch, log=print):
-    """The newest checkpoint in `output_dir` that loads and is this run's (same arch), or None.
+def is_pretrain_state_dict(state_dict):
+    """True for the weights of a MoCo model (query encoder under `module.encoder_q.` or `encoder_q.`)."""
+    return any(isinstance(key, str) and (key.startswith("encoder_q.") or ".encoder_q." in key)
+               for key in state_dict)
 
-    Unreadable files are skipped with a note. Checkpoints of another architecture raise UserError,
-    because starting afresh there would later overwrite them.
+
+class ResumeScan:
+    """What auto-resume found in an output folder: the checkpoint to resume from (or None), its
+    progress (epochs completed, steps of the next epoch completed), and the pre-training-named files
+    it skipped as (path, progress, reason) triples."""
+
+    def __init__(self):
+        self.path = None
+        self.progress = (0, 0)
+        self.skipped = []
+
+
+def scan_resume_checkpoints(output_dir, arch):
+    """Find the newest checkpoint in `output_dir` that loads and is a MoCo pre-training checkpoint.
+
+    Files that do not load, or hold other weights (a main_lincls checkpoint under a pre-training
+    name, say), are skipped and listed, never touched. A checkpoint of another architecture raises
+    UserError, because starting afresh there would later overwrite it.
     """
-    for path, _ in pretrain_checkpoints(output_dir):
+    scan = ResumeScan()
+    for path, progress in pretrain_checkpoints(output_dir):
         try:
             checkpoint = load_checkpoint(path)
-            checkpoint_state_dict(checkpoint, path)
+            state_dict = checkpoint_state_dict(checkpoint, path)
         except UserError as err:
-            log(f"=> skipping {err}")
+            scan.skipped.append((path, progress, str(err)))
+            continue
+        if not is_pretrain_state_dict(state_dict):
+            scan.skipped.append((path, progress, f"'{path}' is not a MoCo pre-training checkpoint (no "
+                                                 f"encoder_q weights; a main_lincls checkpoint?)"))
             continue
         if checkpoint.get("arch") != arch:
             raise UserError(
                 f"--output-dir '{output_dir}' holds checkpoints of another run (arch "
                 f"'{checkpoint.get('arch')}', this run: '{arch}'); choose another --output-dir or pass "
                 f"--resume explicitly")
-        return path
+        scan.path, scan.progress = path, progress
+        return scan
+    return scan
+
+
+def find_resume_checkpoint(output_dir, arch, log=print):
+    """The newest checkpoint in `output_dir` that loads and is this run's (same arch), or None.
+
+    Every file skipped on the way is named through `log`; see `scan_resume_checkpoints`.
+    """
+    scan = scan_resume_checkpoints(output_dir, arch)
+    for _, _, reason in scan.skipped:
+        log(f"=> skipping {reason}")
+    return scan.path
+
+
+def first_nonfinite(named_tensors):
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in named_tensors:
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
     return None
+
+
+def optimizer_tensors(optimizer_state):
+    """(name, tensor) pairs of an optimizer's state_dict (momentum buffers and the like)."""
+    for index, entry in optimizer_state.get("state", {}).items():
+        for key, value in entry.items():
+            yield f"optimizer state {index}.{key}", value

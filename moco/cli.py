@@ -1,6 +1,8 @@
 """Command-line flags both scripts share, with the reference's names, aliases, dests and defaults."""
 import argparse
+import math
 
+from moco.errors import UserError
 from moco.models import model_names
 
 
@@ -53,8 +55,61 @@ def add_data_and_launch_args(parser, default_lr, default_epochs, default_schedul
                         help="mixed precision on CUDA: bf16 autocast where supported, else fp16 + GradScaler")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard scalars (per print step and per epoch) to "
+                             "OUTPUT_DIR/tensorboard/; needs the tensorboard package")
 
 
 def make_parser(description):
     return argparse.ArgumentParser(description=description,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+# --------------------------------------------------------------------------------------------------
+# Value ranges of the flags of both scripts, checked before anything starts.
+# --------------------------------------------------------------------------------------------------
+def _at_least(low):
+    return lambda value: value >= low, f">= {low}"
+
+
+def _above(low):
+    return lambda value: value > low, f"> {low}"
+
+
+def _between(low, high):
+    return lambda value: low <= value <= high, f"in [{low}, {high}]"
+
+
+# (dest, flag, (test, what the test asks)); flags a script does not have are not checked
+RANGES = (
+    ("epochs", "--epochs", _at_least(0)),
+    ("start_epoch", "--start-epoch", _at_least(0)),
+    ("workers", "--workers", _at_least(0)),
+    ("lr", "--lr", _at_least(0)),
+    ("momentum", "--momentum", _at_least(0)),
+    ("weight_decay", "--wd", _at_least(0)),
+    ("print_freq", "--print-freq", _at_least(1)),
+    ("crop_size", "--crop-size", _at_least(1)),
+    ("moco_dim", "--moco-dim", _at_least(1)),
+    ("moco_k", "--moco-k", _at_least(1)),
+    ("moco_m", "--moco-m", _between(0, 1)),
+    ("moco_t", "--moco-t", _above(0)),
+    ("knn_freq", "--knn-freq", _at_least(0)),
+    ("knn_k", "--knn-k", _at_least(1)),
+    ("knn_t", "--knn-t", _above(0)),
+)
+
+
+def check_args(args):
+    """UserError naming the first flag whose value is out of range (or not a finite number)."""
+    for dest, flag, (test, wanted) in RANGES:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} {value} must be a finite number")
+        if not test(value):
+            raise UserError(f"{flag} {value} is out of range: it must be {wanted}")
+    for milestone in getattr(args, "schedule", None) or []:
+        if milestone < 0:
+            raise UserError(f"--schedule {milestone} is out of range: milestones are epochs, >= 0")

@@ -1,17 +1,19 @@
 """Image folders that fail clearly, survive bad files, and sample reproducibly across resumptions."""
 import os
 import random
+import signal
 import sys
 
 import torch
 import torch.distributed  # noqa: F401  (DistributedSampler needs it imported)
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, get_worker_info
+from PIL import Image
 from torchvision import datasets
 
 from moco.errors import UserError
 
-# what PIL and the loader raise for unreadable, truncated or corrupt images
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError)
+# what PIL and the loader raise for unreadable, truncated, corrupt or too large (decompression bomb) images
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError, Image.DecompressionBombError)
 MAX_CONSECUTIVE_BAD = 50
 
 
@@ -33,6 +35,10 @@ def sample_seed(data_seed, epoch, index):
     return (data_seed * 1_000_003 + epoch * 10_000_019 + index) % (2**63 - 1)
 
 
+class UnreadableImages(UserError, RuntimeError):
+    """Too many unreadable images in a row: the folder, not one file, is the problem."""
+
+
 class RobustImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder that (1) reports an unreadable image once and returns the next good
     sample instead of killing the run, counting them in shared memory, and (2) when indexed with
@@ -40,14 +46,16 @@ class RobustImageFolder(datasets.ImageFolder):
     so the data stream does not depend on the number of workers or on where a run was resumed.
     """
 
-    def __init__(self, root, transform=None, data_seed=None):
+    def __init__(self, root, transform=None, data_seed=None, loader=None, decodes_in_transform=False):
         try:
-            super().__init__(root, transform=transform)
+            super().__init__(root, transform=transform, **({"loader": loader} if loader else {}))
         except FileNotFoundError as err:
             raise UserError(f"image folder '{root}': {str(err).strip()}") from None
         if not self.samples:
             raise UserError(f"image folder '{root}' holds no images")
         self.data_seed = data_seed
+        # with a lazy loader (moco.crops.open_path) the transform decodes, so its errors are the image's
+        self.decodes_in_transform = decodes_in_transform
         # one flag per sample in shared memory, so that all loader workers (and, merged after each
         # epoch by the training script, all processes) report and count each bad image once
         self.bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
@@ -64,12 +72,22 @@ class RobustImageFolder(datasets.ImageFolder):
             path, target = self.samples[sample]
             try:
                 image = self.loader(path)
+                if self.decodes_in_transform:
+                    return self._transform(image, epoch, index), target
             except IMAGE_ERRORS as err:
                 self._report_bad(sample, path, err)
+                last_error = type(err).__name__
                 continue
             return self._transform(image, epoch, index), target
-        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in "
-                           f"'{self.root}'")
+        raise UnreadableImages(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in "
+                               f"'{self.root}' (the last: '{path}', {last_error}); are all its images "
+                               f"unreadable?")
+
+    def report_unreadable(self, path, err):
+        """Report an image found unreadable outside the loader (e.g. by the device's JPEG decoder)."""
+        if not hasattr(self, "_sample_of_path"):
+            self._sample_of_path = {p: i for i, (p, _) in enumerate(self.samples)}
+        self._report_bad(self._sample_of_path[path], path, err)
 
     def _report_bad(self, sample, path, err):
         if self.bad_flags[sample]:
@@ -98,10 +116,40 @@ class RobustImageFolder(datasets.ImageFolder):
         return out
 
 
-def make_loader(dataset, sampler, batch, workers, device, drop_last):
+def pass_sigterm_to_trainer(worker_id):
+    """worker_init_fn: a SIGTERM to a loader worker (a cluster's preemption signals every process of the
+    job) goes on to the training process, which saves an `_iter` checkpoint and stops, while the worker
+    keeps serving batches until then. A worker whose trainer is not catching SIGTERM (it is shutting
+    down, or never catches it) ends as SIGTERM would end it."""
+    trainer = os.getppid()
+
+    def forward(signum, frame):
+        if os.getppid() == trainer and _catches_sigterm(trainer):
+            os.kill(trainer, signal.SIGTERM)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def _catches_sigterm(pid):
+    """Whether process `pid` has a SIGTERM handler (Linux /proc; False where that cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool((int(line.split()[1], 16) >> (signal.SIGTERM - 1)) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def make_loader(dataset, sampler, batch, workers, device, drop_last, collate_fn=None):
     """A DataLoader with persistent, prefetching workers and pinned memory on CUDA."""
     return DataLoader(
-        dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+        worker_init_fn=pass_sigterm_to_trainer,
         pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator())  # its own generator: the loader never draws from the training RNG

@@ -138,9 +138,8 @@ class DeviceDecoder:
         """The list of uint8 3 x H x W images of the batch on the device (None for unreadable ones)."""
         meta = batch.meta
         images = [None] * len(batch)
-        jpeg = [i for i in range(len(batch)) if meta[i, META_IS_JPEG]]
-        for i in range(len(batch)):
-            if i not in jpeg:  # pixels decoded by the worker
+        jpeg = [i for i, is_jpeg in enumerate(meta[:, META_IS_JPEG].tolist()) if is_jpeg]
+        for i in sorted(set(range(len(batch))) - set(jpeg)):  # pixels decoded by the worker
                 h, w = int(meta[i, META_HEIGHT]), int(meta[i, META_WIDTH])
                 images[i] = batch.payload[i].view(h, w, 3).permute(2, 0, 1).to(self.device, non_blocking=True)
         try:

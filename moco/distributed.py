@@ -138,8 +138,22 @@ def _env_int(name, default=None):
     return int(value) if value not in (None, "") else default
 
 
-def plan_launch(args):
-    """Decide the launch mode from the environment and the reference flags."""
+def visible_gpus():
+    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_launch(args, gpus=None):
+    """Decide the launch mode from the environment and the reference flags, and refuse a launch that
+    cannot work (see `check_launch`) before any process group starts. `gpus`: the number of visible
+    CUDA devices (default: this machine's)."""
+    gpus = visible_gpus() if gpus is None else gpus
+    plan = _plan(args, gpus)
+    check_launch(plan, args, gpus)
+    return plan
+
+
+def _plan(args, gpus):
     explicit_url = args.dist_url not in ("", "auto")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, or any env:// launcher
         world = _env_int("WORLD_SIZE")
@@ -157,7 +171,6 @@ def plan_launch(args):
             url = f"tcp://{host}:{port}"
         return LaunchPlan("slurm", world, max(1, world // nodes), _env_int("SLURM_PROCID"),
                           _env_int("SLURM_LOCALID", 0), url)
-    gpus = torch.cuda.device_count()
     if args.multiprocessing_distributed:
         if gpus == 0:
             raise UserError("--multiprocessing-distributed starts one process per CUDA GPU and this machine "
@@ -173,6 +186,87 @@ def plan_launch(args):
         url = args.dist_url if explicit_url else f"tcp://127.0.0.1:{free_port()}"
         return LaunchPlan("spawn", gpus, gpus, 0, 0, url)
     return LaunchPlan("single", 1, 1, 0, 0, "single")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch checks: each a UserError (one line, exit 2) before any process group or file exists.
+# ---------------------------------------------------------------------------------------------------
+_HOW_TO_START_FEWER = {
+    "torchrun": "torchrun --nproc_per_node {gpus}",
+    "slurm": "srun --ntasks-per-node {gpus} (or --gpus-per-task 1)",
+}
+
+
+def _visibility():
+    """' (CUDA_VISIBLE_DEVICES=...)' when that variable limits what this process sees, else ''."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" (CUDA_VISIBLE_DEVICES={hidden!r})" if hidden is not None else ""
+
+
+def _gpus_seen(gpus):
+    """'1 GPU is visible', with the CUDA_VISIBLE_DEVICES that limits it when one is set."""
+    return (f"{gpus} GPU is visible" if gpus == 1 else f"{gpus} GPUs are visible") + _visibility()
+
+
+def _check_gpu_flag(gpu, gpus):
+    if gpu is None:
+        return
+    if gpus == 0:
+        raise UserError(f"--gpu {gpu} asks for a CUDA GPU and none is visible{_visibility()}; "
+                        f"drop --gpu to train on the CPU")
+    if not 0 <= gpu < gpus:
+        raise UserError(f"--gpu {gpu} is out of range: {_gpus_seen(gpus)}, numbered 0 to {gpus - 1}; "
+                        f"pass one of those or drop --gpu")
+
+
+def _check_processes_per_gpu(plan, gpus):
+    """Every local process needs a GPU of its own: two NCCL ranks on one device fail ('invalid usage')."""
+    if gpus == 0 or plan.mode == "single":
+        return  # CPU processes on gloo, any number of them
+    if plan.mode == "slurm" and os.environ.get("SLURM_GPUS_PER_TASK"):
+        return  # SLURM gave each task GPUs of its own (its CUDA_VISIBLE_DEVICES differs per task)
+    fix = _HOW_TO_START_FEWER.get(plan.mode, "fewer processes per node").format(gpus=gpus)
+    cpu = "or CUDA_VISIBLE_DEVICES= to train on the CPU with gloo"
+    if plan.procs_per_node > gpus:
+        raise UserError(f"{plan.mode} starts {plan.procs_per_node} processes on this node but only "
+                        f"{_gpus_seen(gpus)}; each process needs a GPU of its own: start at most {gpus} "
+                        f"per node ({fix}), {cpu}")
+    if plan.local_rank >= gpus:
+        raise UserError(f"{plan.mode} gave this process local rank {plan.local_rank} but only "
+                        f"{_gpus_seen(gpus)}; each process needs a GPU of its own: start at most {gpus} "
+                        f"per node ({fix}), {cpu}")
+
+
+_BACKENDS = {
+    "gloo": lambda: dist.is_gloo_available(),
+    "nccl": lambda: dist.is_nccl_available(),
+    "mpi": lambda: dist.is_mpi_available(),
+    "ucc": lambda: getattr(dist, "is_ucc_available", lambda: False)(),
+}
+
+
+def resolve_backend(requested, device_type):
+    """The backend of a process on `device_type`: --dist-backend, except nccl (the default, GPU only),
+    which becomes gloo on the CPU."""
+    return "gloo" if device_type != "cuda" and requested == "nccl" else requested
+
+
+def _check_backend(requested, gpus):
+    backend = resolve_backend(requested, "cuda" if gpus else "cpu")
+    if not (dist.is_available() and backend in _BACKENDS and _BACKENDS[backend]()):
+        available = [name for name, present in _BACKENDS.items() if dist.is_available() and present()]
+        where = "GPUs" if gpus else "the CPU"
+        raise UserError(f"--dist-backend {requested} is not available in this PyTorch build on {where}; "
+                        f"available: {', '.join(available) or 'none (torch.distributed is missing)'}")
+
+
+def check_launch(plan, args, gpus):
+    """Refuse what would crash later or silently misbehave: --gpu without a GPU or out of range, more
+    processes on a node than visible GPUs (torchrun, SLURM, spawn), and a --dist-backend this PyTorch
+    lacks. `gpus` is the number of visible CUDA devices (0: processes run on the CPU with gloo)."""
+    _check_gpu_flag(args.gpu, gpus)
+    _check_processes_per_gpu(plan, gpus)
+    _check_backend(args.dist_backend, gpus)
 
 
 @dataclass
@@ -204,7 +298,7 @@ def process_group(plan, local_index, args):
     local_rank = local_index if plan.spawns else plan.local_rank
     rank = plan.rank + local_index if plan.spawns else plan.rank
     device = _device_for(plan, local_rank, args)
-    backend = args.dist_backend if device.type == "cuda" else "gloo"
+    backend = resolve_backend(args.dist_backend, device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=60)  # kNN monitors and checkpoint saves can take a while

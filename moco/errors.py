@@ -18,12 +18,23 @@ class Preempted(Exception):
 PREEMPTED_EXIT = 143
 
 
+def one_line(err):
+    """The message of a UserError as one line, also when a DataLoader worker raised it: the loader
+    re-raises it in the main process as `UserError("Caught UserError in DataLoader worker process N.
+    Original Traceback ... moco.errors.UserError: <message>")`; only <message> is the user's."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def run_cli(main, args, prog):
     """Call `main(args)`; turn a `UserError` into `prog: error: message` on stderr and exit 2."""
     try:
         return main(args)
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Preempted:
         sys.exit(PREEMPTED_EXIT)

@@ -69,6 +69,19 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    @property
+    def fused_sgd(self):
+        """True with a GradScaler: build SGD with `fused=True`, so that the scaler hands it the overflow
+        flag on the device instead of reading it on the host every step (which would wait for the GPU)."""
+        return self.scaler is not None
+
+    def configure(self, optimizer):
+        """Re-apply `fused_sgd` after `optimizer.load_state_dict`, which restores the saved flags."""
+        if self.fused_sgd:
+            for group in optimizer.param_groups:
+                group["fused"], group["foreach"] = True, False
+        return optimizer
+
     def backward_and_step(self, loss, optimizer):
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:

@@ -4,7 +4,9 @@
 1. generate (or reuse) the built-in dataset;
 2. pre-train MoCo with the v2 recipe scaled to it (main_moco.py);
 3. evaluate MoCo features and random-init features with kNN and with the linear protocol
-   (main_lincls.py), and print both side by side.
+   (main_lincls.py), and print both side by side;
+4. with matplotlib installed, draw the runs' training curves (curves.png) and the two results side by
+   side (results.png).
 """
 import argparse
 import json
@@ -19,9 +21,9 @@ sys.path.insert(0, REPO)
 
 import main_lincls  # noqa: E402
 import main_moco  # noqa: E402
-from moco import synthetic  # noqa: E402
+from moco import curves, synthetic  # noqa: E402
 from moco.data import RobustImageFolder, make_loader  # noqa: E402
-from moco.errors import run_cli  # noqa: E402
+from moco.errors import UserError, run_cli  # noqa: E402
 from moco.knn import knn_top1  # noqa: E402
 from moco.loader import linear_val_transform  # noqa: E402
 from moco.models import model_constructor  # noqa: E402
@@ -121,7 +123,27 @@ def main(args):
     print_table(results, args, checkpoint)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    draw_figures(args, results, data)
     return results
+
+
+def draw_figures(args, results, data):
+    """curves.png (the three runs' training curves) and results.png (random init vs MoCo) in the output
+    folder; without matplotlib, one line saying how to get them. Returns the paths written."""
+    try:
+        curves.require_matplotlib()
+    except UserError as err:
+        print(f"\nno figures: {err}", flush=True)
+        return []
+    runs = curves.read_runs([os.path.join(args.output_dir, name)
+                             for name in ("pretrain", "linear_moco", "linear_random")])
+    num_classes = sum(entry.is_dir() for entry in os.scandir(os.path.join(data, "train")))
+    paths = [curves.save_figure(curves.plot_runs(runs), os.path.join(args.output_dir, "curves.png")),
+             curves.save_figure(curves.plot_comparison(results, num_classes),
+                                os.path.join(args.output_dir, "results.png"))]
+    print(f"\nfigures: {paths[0]} (training curves; redraw with scripts/plot_log.py), "
+          f"{paths[1]} (random init vs MoCo)", flush=True)
+    return paths
 
 
 def print_table(results, args, checkpoint):

@@ -1,5 +1,9 @@
 """Shared fixtures: small generated ImageNet-layout folders (DIR/train/<class>/*.png, DIR/val/...)."""
+import itertools
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -27,3 +31,102 @@ def make_image_folder(root, classes=3, train_per_class=16, val_per_class=5, size
 def image_folder(tmp_path_factory):
     """A read-only shared folder: 3 classes x 16 train and 5 val images of 40 x 48 px."""
     return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Isolation: every child process a test starts is a CPU run unless the test asks for CUDA, and no two
+# tests (or xdist workers) share a cache folder or a port.
+# --------------------------------------------------------------------------------------------------
+_CACHES = itertools.count()
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def cpu_env(threads=1, **extra):
+    """os.environ for a child that must run on the CPU on any machine: GPUs hidden
+    (CUDA_VISIBLE_DEVICES=''), no launcher variables (torchrun's, SLURM's) inherited from the shell that
+    started pytest, `threads` intra-op threads, unbuffered output; then `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM_")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def cuda_env(threads=1, **extra):
+    """Like `cpu_env`, with the GPUs this pytest process sees left visible."""
+    env = cpu_env(threads, **extra)
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    else:
+        del env["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _private_data_cache(tmp_path_factory, monkeypatch):
+    """The built-in synthetic data set's cache (MOCO_DATA_CACHE) in a folder of this test's own (created
+    only when a test generates data), never ~/.cache or another xdist worker's folder."""
+    monkeypatch.setenv("MOCO_DATA_CACHE", str(tmp_path_factory.getbasetemp() / f"data-cache-{next(_CACHES)}"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where torch sees a CUDA GPU and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+def kill_tree(proc):
+    """Kill a child started by a test and every process below it (torchrun puts its workers in sessions
+    of their own, so a process group would miss them), found through /proc; then reap the child."""
+    parents = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    victims, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        victims.append(pid)
+        todo.extend(parents.get(pid, []))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
+def start_logged(argv, env, cwd, log_stem):
+    """Popen `argv` with stdout and stderr in files LOG_STEM.out / LOG_STEM.err (pipes could fill up and
+    stall a process that its peers are waiting for)."""
+    out, err = open(f"{log_stem}.out", "w"), open(f"{log_stem}.err", "w")
+    with out, err:
+        proc = subprocess.Popen([str(a) for a in argv], cwd=str(cwd), env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL)
+    proc.log_stem = str(log_stem)
+    return proc
+
+
+def wait_all(procs, timeout):
+    """Wait for processes of `start_logged` together; on a timeout kill them all (and their children)
+    and fail. Returns [(returncode, stdout, stderr)] in order."""
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            kill_tree(proc)
+        pytest.fail(f"{len(procs)} processes did not finish within {timeout} s (a hang?)")
+    results = []
+    for proc in procs:
+        with open(f"{proc.log_stem}.out") as out, open(f"{proc.log_stem}.err") as err:
+            results.append((proc.returncode, out.read(), err.read()))
+    return results

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint,
-                             load_checkpoint, pretrain_checkpoint_name, pretrain_checkpoints,
-                             restore_rng_state, save_checkpoint)
+from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint, first_nonfinite,
+                             load_checkpoint, optimizer_tensors, pretrain_checkpoint_name, pretrain_checkpoints,
+                             restore_rng_state, save_checkpoint, scan_resume_checkpoints)
 from moco.errors import UserError
 
 
@@ -161,3 +161,47 @@ def test_find_resume_checkpoint_rejects_another_arch(tmp_path):
     with pytest.raises(UserError, match="resnet50") as err:
         find_resume_checkpoint(str(tmp_path), "resnet18")
     assert str(tmp_path) in str(err.value)
+
+
+def test_load_checkpoint_cut_short_like_head_c_names_it(tmp_path):
+    """`head -c 5000 ckpt`: torch.load raises OSError (Invalid argument); still one named UserError."""
+    whole = tmp_path / "whole.pth.tar"
+    torch.save({"state_dict": {"module.encoder_q.w": torch.zeros(4096)}}, str(whole))
+    cut = tmp_path / "checkpoint_0001_iter000002.pth.tar"
+    cut.write_bytes(whole.read_bytes()[:5000])
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint") as err:
+        load_checkpoint(str(cut), what="--pretrained checkpoint")
+    assert str(cut) in str(err.value) and "--pretrained checkpoint" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_failed_write_is_one_user_error_and_leaves_no_partial_file(tmp_path):
+    """A write that fails half-way (here: the target folder is a file) names the file, replaces nothing."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="cannot write checkpoint") as err:
+        save_checkpoint(_checkpoint(), str(tmp_path / "afile" / "checkpoint_0000.pth.tar"))
+    assert "checkpoint_0000.pth.tar" in str(err.value)
+    assert os.listdir(tmp_path) == ["afile"]
+
+
+def test_find_resume_checkpoint_skips_and_names_a_lincls_checkpoint(tmp_path):
+    save_checkpoint(_checkpoint(epoch=1), str(tmp_path / "checkpoint_0000.pth.tar"))
+    lincls = tmp_path / "checkpoint_0005.pth.tar"
+    torch.save({"epoch": 6, "arch": "resnet18", "best_acc1": 1.0,
+                "state_dict": {"module.fc.weight": torch.zeros(2, 2)}}, str(lincls))
+    before = lincls.read_bytes()
+    messages = []
+    found = find_resume_checkpoint(str(tmp_path), "resnet18", log=messages.append)
+    assert found == str(tmp_path / "checkpoint_0000.pth.tar")
+    assert len(messages) == 1 and str(lincls) in messages[0] and "not a MoCo pre-training" in messages[0]
+    assert lincls.read_bytes() == before  # skipped, never touched
+    scan = scan_resume_checkpoints(str(tmp_path), "resnet18")
+    assert scan.progress == (1, 0) and [(p, prog) for p, prog, _ in scan.skipped] == [(str(lincls), (6, 0))]
+
+
+def test_first_nonfinite_names_the_tensor():
+    tensors = [("a", torch.ones(3)), ("steps", torch.tensor([3])), ("b", torch.tensor([1.0, float("inf")]))]
+    assert first_nonfinite(tensors) == "b"
+    assert first_nonfinite(tensors[:2]) is None
+    state = {"state": {0: {"momentum_buffer": torch.tensor([float("nan")])}}, "param_groups": []}
+    assert first_nonfinite(optimizer_tensors(state)) == "optimizer state 0.momentum_buffer"

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import sys
 
 import pytest
 
@@ -50,6 +51,24 @@ def test_demo_smoke_run_prints_the_comparison_table(cache, tmp_path):
     assert os.path.isfile(tmp_path / "demo" / "linear_moco" / "model_best.pth.tar")
     # the data set was generated once, in the cache folder, and said where
     assert len(os.listdir(cache)) == 1 and str(cache) in text
+    # the figures (matplotlib is optional): written and named, or one line saying how to get them
+    figures = [str(tmp_path / "demo" / name) for name in ("curves.png", "results.png")]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "no figures: plotting needs matplotlib, which is not installed; install it with: " \
+               "pip install matplotlib" in text
+    else:
+        assert f"figures: {figures[0]} (training curves" in text and f"{figures[1]} (random init vs MoCo)" in text
+        assert all(os.path.getsize(path) > 10_000 for path in figures)
+
+
+def test_demo_without_matplotlib_says_how_to_get_the_figures(tmp_path, monkeypatch, capsys):
+    demo = load_demo()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    args = demo.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    assert demo.draw_figures(args, {}, str(tmp_path)) == []
+    assert capsys.readouterr().out == ("\nno figures: plotting needs matplotlib, which is not installed; "
+                                       "install it with: pip install matplotlib\n")
+    assert os.listdir(tmp_path) == []
 
 
 def test_scripts_use_the_built_in_data_when_dir_is_omitted(cache, tmp_path, monkeypatch):

@@ -103,3 +103,19 @@ def test_collectives_in_a_two_process_gloo_group(tmp_path):
         failures = "\n".join(p.read_text() for p in sorted(tmp_path.glob("fail.*")))
         pytest.fail(f"2-process collectives failed:\n{failures or exc}")
     assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()
+
+
+def test_world_of_one_uses_gloo_on_the_cpu_and_the_requested_backend_on_a_gpu(monkeypatch):
+    """nccl, the default, has no CPU support: a CPU process runs gloo; on a GPU --dist-backend holds."""
+    import main_moco
+    for key in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    args = main_moco.get_args_parser().parse_args(["DIR"] + (["--gpu", "0"] if torch.cuda.is_available() else []))
+    plan = md.plan_launch(args)
+    assert plan.mode == "single" and args.dist_backend == "nccl"
+    with md.process_group(plan, 0, args) as ctx:
+        expected = "nccl" if ctx.device.type == "cuda" else "gloo"
+        assert ctx.backend == expected and dist.get_backend() == expected
+        x = torch.arange(4.0, device=ctx.device)
+        assert torch.equal(md.all_reduce_sum(x.clone()), x) and torch.equal(md.concat_all_gather(x), x)
+    assert not md.is_distributed()

@@ -273,9 +273,9 @@ def test_launch_flags_match_main_moco_and_no_moco_flags(capsys):
     moco_actions = _actions(main_moco.get_args_parser())
     lincls_actions = _actions(main_lincls.get_args_parser())
     moco_only = {"moco_dim", "moco_k", "moco_m", "moco_t", "mlp", "aug_plus", "cos",
-                 "bn_splits", "symmetric", "fast_aug", "knn_freq", "knn_k", "knn_t"}
+                 "bn_splits", "symmetric", "fast_aug", "device_decode", "knn_freq", "knn_k", "knn_t"}
     lincls_defaults = {"epochs": 100, "lr": 30.0, "schedule": [60, 80], "weight_decay": 0.0}
-    assert set(lincls_actions) == (set(moco_actions) - moco_only) | {"evaluate", "pretrained"}
+    assert set(lincls_actions) == (set(moco_actions) - moco_only) | {"evaluate", "pretrained", "fresh"}
     for dest, theirs in moco_actions.items():
         if dest in moco_only:
             continue
@@ -405,7 +405,9 @@ def test_sanity_check_catches_changed_backbone(released_v2, changed):
 def test_linear_run_on_released_checkpoint(v2_run, released_v2):
     out, stdout, result = v2_run["out"], v2_run["stdout"], v2_run["result"]
     checkpoint = load(os.path.join(out, "checkpoint.pth.tar"))
-    assert set(checkpoint) == {"epoch", "arch", "state_dict", "best_acc1", "optimizer"}
+    # SPEC's entries, and `run`: the flags that tell a rerun of this run from another run
+    assert set(checkpoint) == {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "run"}
+    assert checkpoint["run"]["pretrained"] == os.path.realpath(released_v2)
     assert (checkpoint["epoch"], checkpoint["arch"]) == (2, "resnet18")
 
     # frozen backbone, BN statistics and counters included: training ran in eval() mode

@@ -291,6 +291,50 @@ def test_fast_aug_runs_and_resumes_bit_exact(images, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in log_records(straight))
 
 
+def jpeg_copy(images, root):
+    """`images` re-encoded as JPEG files (what --device-decode hands to the device's decoder)."""
+    from PIL import Image
+    for folder, _, files in os.walk(images):
+        for name in files:
+            target = os.path.join(root, os.path.relpath(folder, images), name.replace(".png", ".jpg"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            Image.open(os.path.join(folder, name)).save(target, quality=95)
+    return str(root)
+
+
+def test_device_decode_runs_reports_a_body_only_corrupt_jpeg_and_resumes_bit_exact(images, tmp_path, capsys):
+    """--device-decode: workers ship the file bytes and draw the crops; the device decodes. A JPEG whose
+    header reads but whose body is cut is found by the decoder, reported once and counted; resuming
+    with another worker count is still exact."""
+    data = jpeg_copy(images, tmp_path / "data")
+    bad = os.path.join(data, "train", "class1", "img004.jpg")
+    with open(bad, "rb") as f:
+        body = f.read()
+    with open(bad, "wb") as f:
+        f.write(body[:len(body) // 2])
+    argv = SMALL + ["--seed", "0", "--device-decode", "--aug-plus", "--mlp", data]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    capsys.readouterr()
+    train(argv + ["--epochs", "2", "-j", "0", "--output-dir", straight])
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if bad in line and "unreadable" in line]) == 1
+    records = log_records(straight)
+    assert [r["bad_images"] for r in records] == [1, 1] and all(math.isfinite(r["loss"]) for r in records)
+    train(argv + ["--epochs", "1", "-j", "2", "--output-dir", resumed])
+    stdout = train(argv + ["--epochs", "2", "-j", "2", "--output-dir", resumed])
+    assert "resuming from" in stdout
+    final = load(os.path.join(straight, "checkpoint_0001.pth.tar"))
+    assert final["args"]["device_decode"] is True
+    assert_same_training_state(load(os.path.join(resumed, "checkpoint_0001.pth.tar")), final)
+
+
+def test_epoch_record_has_the_steady_state_window(reference):
+    out, _ = reference
+    for record in log_records(out):  # 4 steps, -p 1: the window runs from step 1 to step 3
+        assert record["steady_steps"] == 2 and record["steady_images_per_s"] > 0
+        assert 0 <= record["steady_data_fraction"] <= 1
+
+
 def test_sigterm_saves_mid_epoch_and_resumes_bit_exact(reference, images, tmp_path):
     ref, _ = reference
     out = str(tmp_path / "out")
@@ -510,6 +554,7 @@ def test_torchrun_two_processes(image_folder, tmp_path):
     env = subprocess_env()
     env.pop("OMP_NUM_THREADS")  # torchrun sets one thread per process
     env.pop("MKL_NUM_THREADS")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes on gloo on any machine: 2 processes would share cuda:0
     started = time.time()
     result = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

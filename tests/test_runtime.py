@@ -108,3 +108,36 @@ def test_preemption_signal_catches_a_real_sigterm_and_restores_the_handler():
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_sgd_is_fused_only_with_a_grad_scaler():
+    assert Precision(False, torch.device("cpu")).fused_sgd is False
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    Precision(False, torch.device("cpu")).configure(optimizer)
+    assert not optimizer.param_groups[0].get("fused")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_scaler_skips_an_overflowing_step_on_the_device_after_a_resume():
+    """fp16 + GradScaler: SGD is fused, so the scaler hands it the overflow flag on the device; after
+    loading a non-fused optimizer state (a bf16 or reference checkpoint) configure() restores that."""
+    precision = Precision(True, torch.device("cuda"))
+    precision.dtype, precision.scaler = torch.float16, torch.amp.GradScaler("cuda")
+    model = torch.nn.Linear(4, 2).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, fused=precision.fused_sgd or None)
+    plain = torch.optim.SGD(torch.nn.Linear(4, 2).cuda().parameters(), 0.1, momentum=0.9)
+    optimizer.load_state_dict(plain.state_dict())
+    assert not optimizer.param_groups[0]["fused"]
+    precision.configure(optimizer)
+    assert optimizer.param_groups[0]["fused"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    with precision.autocast():
+        loss = model(torch.full((3, 4), float("inf"), device="cuda")).float().sum()
+    precision.backward_and_step(loss, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step was skipped
+    with precision.autocast():
+        loss = model(torch.ones(3, 4, device="cuda")).float().sum()
+    precision.backward_and_step(loss, optimizer)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
