@@ -162,7 +162,8 @@ def train_process(local_index, plan, args):
         precision = Precision(args.amp, ctx.device)
         optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay, fused=precision.fused_sgd or None)
-        state = TrainState(data_seed=draw_data_seed(args, ctx.device), epoch=args.start_epoch)
+        state = TrainState(data_seed=draw_data_seed(args, ctx.device), global_batch=batch * ctx.world_size,
+                           epoch=args.start_epoch)
         if args.resume:
             resume(args.resume, model, optimizer, precision, state, ctx, log)
         precision.configure(optimizer)  # after resume: loading restores the optimizer's flags
@@ -201,8 +202,9 @@ def train_process(local_index, plan, args):
 class TrainState:
     """Where the run is: the next epoch, steps already done in it, and the data seed."""
 
-    def __init__(self, data_seed, epoch=0, step_in_epoch=0):
+    def __init__(self, data_seed, global_batch, epoch=0, step_in_epoch=0):
         self.data_seed = data_seed
+        self.global_batch = global_batch
         self.epoch = epoch
         self.step_in_epoch = step_in_epoch
 
@@ -353,6 +355,7 @@ def save(args, model, optimizer, precision, state, ctx):
             "state_dict": state_dict,
             "optimizer": optimizer_state,
             "step_in_epoch": state.step_in_epoch,
+            "global_batch": state.global_batch,
             "data_seed": state.data_seed,
             "args": {key: value for key, value in vars(args).items()},
             "rng_states": rng_states,
@@ -371,6 +374,13 @@ def resume(path, model, optimizer, precision, state, ctx, log):
     precision.load_state_dict(checkpoint.get("scaler"))
     state.epoch = checkpoint.get("epoch", 0)
     state.step_in_epoch = checkpoint.get("step_in_epoch", 0)
+    saved_batch = checkpoint.get("global_batch")
+    if state.step_in_epoch and saved_batch and saved_batch != state.global_batch:
+        # the position inside the epoch is counted in steps of the saved global batch
+        raise UserError(f"'{path}' was saved {state.step_in_epoch} steps into epoch {state.epoch} with a global "
+                        f"batch of {saved_batch}; this launch has {state.global_batch} ({ctx.world_size} "
+                        f"processes). Relaunch with the same global batch (-b per node x nodes), or resume "
+                        f"from an end-of-epoch checkpoint with --resume")
     state.data_seed = checkpoint.get("data_seed", state.data_seed)
     rng_states = checkpoint.get("rng_states")
     if rng_states and len(rng_states) == ctx.world_size:

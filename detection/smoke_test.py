@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Check a detectron2 install against this folder, end to end, on the CPU in a few minutes.
 
-    python smoke_test.py                      # the VOC MoCo config: about 2-3 minutes on 2 cores
-    python smoke_test.py --configs all        # all five configs (about 10 minutes on 2 cores)
+    python smoke_test.py                      # the VOC MoCo config, 10 iterations
+    python smoke_test.py --configs all        # all five configs
 
 In a scratch folder (--work-dir, else a temporary one that is removed afterwards) it
 
@@ -71,6 +71,7 @@ REFERENCE_BATCH, REFERENCE_LR = 16, 0.02  # Base-RCNN-C4-BN.yaml
 
 
 def _noise_image(rng, height, width):
+    """Uniform RGB noise."""
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
@@ -188,6 +189,7 @@ def write_image_folder(root, classes=2, per_class=8, size=40, seed=0):
 
 
 def _run(cmd, cwd, env=None, timeout=1800):
+    """Run a script; returns its output, or raises UserError with the tail of it when the script fails."""
     result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
     if result.returncode != 0:
@@ -237,6 +239,7 @@ def convert(src, dst):
 
 
 def read_weights(path):
+    """The {name: numpy array} of a converted file."""
     with open(path, "rb") as f:
         return pickle.load(f)["model"]
 
@@ -412,6 +415,7 @@ def prepare(work):
 
 
 def format_results(results):
+    """`task: AP x, AP50 y, AP75 z; ...` for printing."""
     return "; ".join(
         f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in ("AP", "AP50", "AP75"))
         for task, metrics in results.items()
@@ -419,17 +423,19 @@ def format_results(results):
 
 
 def parse_args(argv):
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="NAME",
                         help=f"configs to run ('all' for the five): {', '.join(RUNS)}")
-    parser.add_argument("--iters", type=int, default=20, help="training iterations per config")
+    parser.add_argument("--iters", type=int, default=10, help="training iterations per config")
     parser.add_argument("--work-dir", default=None,
-                        help="where to write data, checkpoints and runs (kept); default: a temporary folder")
+                        help="where to write data, checkpoints and runs, kept afterwards (unset: a temporary folder, removed)")
     return parser.parse_args(argv)
 
 
 def main(argv):
+    """Prepare the checkpoints and data, run the chosen configs, print what each measured."""
     args = parse_args(argv)
     configs = list(RUNS) if args.configs == ["all"] else args.configs
     unknown = [c for c in configs if c not in RUNS]

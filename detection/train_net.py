@@ -8,8 +8,9 @@ Everything but two pieces is detectron2's own machinery (its default trainer, ar
 launcher): the `Res5ROIHeadsExtraNorm` ROI head that the configs name, and the choice of evaluator from the
 dataset name. `--eval-only` evaluates the weights given by MODEL.WEIGHTS (or the last checkpoint in
 OUTPUT_DIR with `--resume`); `--resume` continues an interrupted run from OUTPUT_DIR. Any config key can be
-overridden after the flags as `KEY VALUE` pairs. This is the only file of the project that imports
-detectron2; see README.md next to it for installing detectron2 and laying out the datasets.
+overridden after the flags as `KEY VALUE` pairs. With smoke_test.py (which checks an install), this is the
+only file of the project that imports detectron2; see README.md next to it for installing detectron2 and
+laying out the datasets.
 """
 import inspect
 import os

@@ -86,14 +86,14 @@ def close_all(name, xs, ys, tol=2e-5):
     assert err <= 0, f"{name}: differs by more than {tol} (1 + |reference|): excess {float(err):.3g}"
 
 
-def assert_same_state(ours, ref):
+def assert_same_state(ours, ref, param_tol=2e-5):
     assert torch.equal(ours.queue_ptr, ref.queue_ptr)
     assert ours.queue.dtype == ref.queue.dtype == torch.float32
     close_all("queue", [ours.queue], [ref.queue])
     names = [n for n, _ in ours.encoder_k.named_parameters()]
     assert names == [n for n, _ in ref.encoder_k.named_parameters()]
     close_all("encoder_k parameters", ours.encoder_k.parameters(), ref.encoder_k.parameters())
-    close_all("encoder_q parameters", ours.encoder_q.parameters(), ref.encoder_q.parameters())
+    close_all("encoder_q parameters", ours.encoder_q.parameters(), ref.encoder_q.parameters(), tol=param_tol)
     # encoder_q's running statistics come from batches of 4 trained at lr 0.1: rounding differences of
     # the weights (~1e-6) show up amplified (~1e-4) in a few running variances; a wrong update is ~10%
     close_all("encoder_q BN buffers", [b for b in ours.encoder_q.buffers() if b.is_floating_point()],
@@ -108,7 +108,7 @@ def assert_same_state(ours, ref):
             assert torch.equal(buffers[n], buffers_ref[n]), n
 
 
-def lockstep(ours, ref, batches, symmetric=False):
+def lockstep(ours, ref, batches, symmetric=False, param_tol=2e-5):
     """Train both with the same inputs and random state.
 
     Logits, loss, queue and pointer are compared at every step; parameters and BN buffers at the end
@@ -138,7 +138,7 @@ def lockstep(ours, ref, batches, symmetric=False):
             opt.step()
         assert torch.equal(ours.queue_ptr, ref.queue_ptr)
         close_all("queue", [ours.queue], [ref.queue])
-    assert_same_state(ours, ref)
+    assert_same_state(ours, ref, param_tol)
     # the comparisons above were not vacuous: the key encoder and the queue really moved
     assert any(not torch.equal(a, b) for a, b in zip(k0, ours.encoder_k.parameters()))
     assert not torch.equal(queue0, ours.queue)
@@ -526,7 +526,9 @@ def test_symmetric_matches_reference_and_enqueues_both_key_batches():
     # 64 x 64 crops: groups of 2 images still leave 8 values per channel for layer4's BN, which keeps
     # the comparison well conditioned (2 values per channel amplify rounding differences)
     torch.manual_seed(3)
-    lockstep(ours, ref, batches_for(seed=3, steps=2, crop=64), symmetric=True)
+    # two losses summed through split BN: float32 rounding of the reference's other summation order
+    # reaches 4e-5 in a few weights on some CPUs (a wrong update differs by orders of magnitude more)
+    lockstep(ours, ref, batches_for(seed=3, steps=2, crop=64), symmetric=True, param_tol=1e-4)
     assert int(ours.queue_ptr) == (2 * 2 * B) % K
 
 

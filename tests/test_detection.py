@@ -746,8 +746,8 @@ DETECTRON2_MISSING = _detectron2_missing()
 needs_detectron2 = pytest.mark.skipif(DETECTRON2_MISSING is not None, reason=str(DETECTRON2_MISSING))
 SMOKE = DETECTION / "smoke_test.py"
 SMOKE_ITERS = 20
-# --eval-only of the trained model is checked on one config of each data set (it costs a minute each).
-EVAL_ONLY = {"pascal_voc_R_50_C4_24k_moco.yaml", "coco_R_50_C4_2x_moco.yaml"}
+# --eval-only of the trained model is checked on one config (it costs a minute on a CPU).
+EVAL_ONLY = {"pascal_voc_R_50_C4_24k_moco.yaml"}
 # Converted tensors the detector holds: all but the projection head (stem.fc.*).
 LOADED = {"main_moco": 322 - 4, "released": 320 - 2}
 # The evaluations each config's test set gives: VOC boxes, COCO boxes (and masks where MASK_ON).
@@ -838,8 +838,10 @@ def test_detectron2_trains_and_evaluates(config, smoke, d2_work, tmp_path):
         assert set(report[key]) == TASKS[config], report[key]
         for metrics in report[key].values():
             assert {"AP", "AP50", "AP75"} <= set(metrics)
-            for value in metrics.values():
-                assert 0.0 <= value <= 100.0, metrics  # not NaN: there were detections to evaluate
+            # Not NaN: there were detections to evaluate. (COCO's APs/APm/APl are NaN for a size range
+            # without objects: the generated boxes are never large.)
+            for name in ("AP", "AP50", "AP75"):
+                assert 0.0 <= metrics[name] <= 100.0, metrics
     # Training moved the converted backbone, but only a little: a random or ImageNet start would be far.
     assert 0.0 < report["drift"] < 0.05
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]

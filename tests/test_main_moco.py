@@ -328,6 +328,24 @@ def test_device_decode_runs_reports_a_body_only_corrupt_jpeg_and_resumes_bit_exa
     assert_same_training_state(load(os.path.join(resumed, "checkpoint_0001.pth.tar")), final)
 
 
+def test_mid_epoch_checkpoint_refuses_another_global_batch(reference, images, tmp_path, capsys):
+    """Steps into an epoch count batches of the saved global batch: a launch with another one refuses
+    (an end-of-epoch checkpoint resumes with any batch)."""
+    ref, _ = reference
+    checkpoint = load(os.path.join(ref, "checkpoint_0000.pth.tar"))
+    assert checkpoint["global_batch"] == 8
+    checkpoint.update(epoch=1, step_in_epoch=2, global_batch=16)
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    torch.save(checkpoint, os.path.join(out, "checkpoint_0001_iter000002.pth.tar"))
+    before = snapshot(out)
+    code, _, err = run_cli_inprocess(SMALL + ["--epochs", "2", "--output-dir", out, images], capsys)
+    assert code == 2 and "Traceback" not in err
+    line, = [line for line in err.splitlines() if line.startswith("main_moco.py: error:")]
+    assert "global batch of 16" in line and "has 8" in line
+    assert snapshot(out) == before
+
+
 def test_epoch_record_has_the_steady_state_window(reference):
     out, _ = reference
     for record in log_records(out):  # 4 steps, -p 1: the window runs from step 1 to step 3
