@@ -169,7 +169,7 @@ def main(args):
 def print_table(report):
     print(f"\n{report['device']}, {report['config']['arch']}, batch {report['config']['batch']}, "
           f"crop {report['config']['crop']}, K {report['config']['moco_k']}, -j {report['config']['workers']}")
-    print(f"| set | flags | end to end img/s | Data share | step-only img/s | ratio |")
+    print("| set | flags | end to end img/s | Data share | step-only img/s | ratio |")
     print("|---|---|---|---|---|---|")
     for name, r in report["results"].items():
         if "error" in r:

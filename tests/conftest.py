@@ -130,3 +130,35 @@ def wait_all(procs, timeout):
         with open(f"{proc.log_stem}.out") as out, open(f"{proc.log_stem}.err") as err:
             results.append((proc.returncode, out.read(), err.read()))
     return results
+
+
+def _gloo_child(rank, world, store, outdir, body):
+    import datetime
+    import traceback
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        body(rank, world)
+        open(os.path.join(outdir, f"ok.{rank}"), "w").close()
+    except BaseException:
+        with open(os.path.join(outdir, f"fail.{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def fork_gloo_pair(body, tmp_path, what):
+    """Run `body(rank, world)` in both processes of a forked 2-process gloo group (the children start with
+    torch already imported, as DataLoader workers do); fail with the children's tracebacks unless both
+    returned."""
+    import torch.multiprocessing as mp
+    try:
+        mp.start_processes(_gloo_child, args=(2, str(tmp_path / "store"), str(tmp_path), body), nprocs=2,
+                           join=True, start_method="fork")
+    except Exception as exc:
+        failures = "\n".join(p.read_text() for p in sorted(tmp_path.glob("fail.*")))
+        pytest.fail(f"{what} failed:\n{failures or exc}")
+    assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()

@@ -1,13 +1,9 @@
 """Tests of moco/distributed.py: identities without a process group, real collectives in a gloo group."""
-import datetime
-import os
-import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import fork_gloo_pair
 from moco import distributed as md
 
 
@@ -39,70 +35,53 @@ def test_helpers_in_a_one_process_group(tmp_path):
     assert not md.is_distributed()
 
 
-def _worker(rank, world, store, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        assert md.is_distributed()
-        assert md.get_world_size() == world and md.get_rank() == rank
-        assert md.is_main_process() == (rank == 0)
+def _collectives(rank, world):
+    assert md.is_distributed()
+    assert md.get_world_size() == world and md.get_rank() == rank
+    assert md.is_main_process() == (rank == 0)
 
-        # gather: rank r contributes rows filled with 10 * r + row; result in rank order
-        mine = torch.stack([torch.full((3,), 10.0 * rank + i) for i in range(2)])
-        gathered = md.concat_all_gather(mine)
-        expected = torch.stack([torch.full((3,), 10.0 * r + i) for r in range(world) for i in range(2)])
-        assert gathered.shape == (2 * world, 3) and torch.equal(gathered, expected)
-        # the gathered copy carries no gradient, even from an input that requires one
-        leaf = torch.ones(2, 3, requires_grad=True)
-        assert not md.concat_all_gather(leaf * 2).requires_grad
-        # a non-contiguous input is gathered by value too
-        wide = torch.arange(12.0).view(3, 4) + 100 * rank
-        got = md.concat_all_gather(wide.t())
-        assert torch.equal(got, torch.cat([(torch.arange(12.0).view(3, 4) + 100 * r).t() for r in range(world)]))
-        # integer tensors (the shuffle's permutation travels this way)
-        ints = md.concat_all_gather(torch.tensor([rank, rank + 5]))
-        assert torch.equal(ints, torch.tensor([v for r in range(world) for v in (r, r + 5)]))
+    # gather: rank r contributes rows filled with 10 * r + row; result in rank order
+    mine = torch.stack([torch.full((3,), 10.0 * rank + i) for i in range(2)])
+    gathered = md.concat_all_gather(mine)
+    expected = torch.stack([torch.full((3,), 10.0 * r + i) for r in range(world) for i in range(2)])
+    assert gathered.shape == (2 * world, 3) and torch.equal(gathered, expected)
+    # the gathered copy carries no gradient, even from an input that requires one
+    leaf = torch.ones(2, 3, requires_grad=True)
+    assert not md.concat_all_gather(leaf * 2).requires_grad
+    # a non-contiguous input is gathered by value too
+    wide = torch.arange(12.0).view(3, 4) + 100 * rank
+    got = md.concat_all_gather(wide.t())
+    assert torch.equal(got, torch.cat([(torch.arange(12.0).view(3, 4) + 100 * r).t() for r in range(world)]))
+    # integer tensors (the shuffle's permutation travels this way)
+    ints = md.concat_all_gather(torch.tensor([rank, rank + 5]))
+    assert torch.equal(ints, torch.tensor([v for r in range(world) for v in (r, r + 5)]))
 
-        # different lengths per rank: rank r has r + 1 rows
-        rows = torch.arange(rank + 1, dtype=torch.float32).view(-1, 1).repeat(1, 2) + 10 * rank
-        varlen = md.concat_all_gather_varlen(rows)
-        assert torch.equal(varlen, torch.cat([torch.arange(r + 1.0).view(-1, 1).repeat(1, 2) + 10 * r
-                                              for r in range(world)]))
+    # different lengths per rank: rank r has r + 1 rows
+    rows = torch.arange(rank + 1, dtype=torch.float32).view(-1, 1).repeat(1, 2) + 10 * rank
+    varlen = md.concat_all_gather_varlen(rows)
+    assert torch.equal(varlen, torch.cat([torch.arange(r + 1.0).view(-1, 1).repeat(1, 2) + 10 * r
+                                          for r in range(world)]))
 
-        # broadcast: everyone ends with rank 0's tensor, in place
-        value = torch.randperm(8, generator=torch.Generator().manual_seed(rank))
-        out = md.broadcast_from_main(value)
-        assert out is value
-        assert torch.equal(value, torch.randperm(8, generator=torch.Generator().manual_seed(0)))
+    # broadcast: everyone ends with rank 0's tensor, in place
+    value = torch.randperm(8, generator=torch.Generator().manual_seed(rank))
+    out = md.broadcast_from_main(value)
+    assert out is value
+    assert torch.equal(value, torch.randperm(8, generator=torch.Generator().manual_seed(0)))
 
-        # all-reduce: the sum over ranks, in place
-        total = torch.tensor([rank + 1.0, 2.0 ** rank])
-        assert md.all_reduce_sum(total) is total
-        assert torch.equal(total, torch.tensor([sum(r + 1.0 for r in range(world)),
-                                                sum(2.0 ** r for r in range(world))]))
-        # all-reduce max: element-wise over ranks
-        peak = torch.tensor([float(rank), float(-rank), 5.0])
-        assert md.all_reduce_max(peak) is peak
-        assert torch.equal(peak, torch.tensor([world - 1.0, 0.0, 5.0]))
-        md.barrier()
-        open(os.path.join(outdir, f"ok.{rank}"), "w").close()
-    except BaseException:
-        with open(os.path.join(outdir, f"fail.{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    # all-reduce: the sum over ranks, in place
+    total = torch.tensor([rank + 1.0, 2.0 ** rank])
+    assert md.all_reduce_sum(total) is total
+    assert torch.equal(total, torch.tensor([sum(r + 1.0 for r in range(world)),
+                                            sum(2.0 ** r for r in range(world))]))
+    # all-reduce max: element-wise over ranks
+    peak = torch.tensor([float(rank), float(-rank), 5.0])
+    assert md.all_reduce_max(peak) is peak
+    assert torch.equal(peak, torch.tensor([world - 1.0, 0.0, 5.0]))
+    md.barrier()
 
 
 def test_collectives_in_a_two_process_gloo_group(tmp_path):
-    try:
-        mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                           start_method="fork")  # as DataLoader workers: no second import of torch
-    except Exception as exc:
-        failures = "\n".join(p.read_text() for p in sorted(tmp_path.glob("fail.*")))
-        pytest.fail(f"2-process collectives failed:\n{failures or exc}")
-    assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()
+    fork_gloo_pair(_collectives, tmp_path, "2-process collectives")
 
 
 def test_world_of_one_uses_gloo_on_the_cpu_and_the_requested_backend_on_a_gpu(monkeypatch):

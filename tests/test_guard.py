@@ -1,13 +1,9 @@
 """moco/guard.py: non-finite losses and SIGTERM, found without a host wait per step and agreed by all."""
-import datetime
-import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import fork_gloo_pair
 from moco.guard import NonFiniteLoss, StepGuard
 
 
@@ -49,38 +45,20 @@ def test_sigterm_is_returned_by_check_and_due_at_once_when_alone():
     assert guard.check(0, 3) is True
 
 
-def _worker(rank, store, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        flag = Flag()
-        guard = StepGuard(torch.device("cpu"), flag)
-        # only rank 1 is sent SIGTERM: both learn it at the same check; a world of two waits for it
-        flag.received = rank == 1
-        assert guard.due(3, print_freq=10, last_step=99) is False
-        assert guard.check(0, 10) is True
-        flag.received = False
-        # only rank 0 meets a NaN: both stop at the same check
-        guard.observe(torch.tensor(float("nan") if rank == 0 else 1.0))
-        try:
-            guard.check(0, 20)
-        except NonFiniteLoss as err:
-            assert err.until == (0, 20)
-            open(os.path.join(outdir, f"ok.{rank}"), "w").close()
-    except BaseException:
-        with open(os.path.join(outdir, f"fail.{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def _agreement(rank, world):
+    flag = Flag()
+    guard = StepGuard(torch.device("cpu"), flag)
+    # only rank 1 is sent SIGTERM: both learn it at the same check; a world of two waits for it
+    flag.received = rank == 1
+    assert guard.due(3, print_freq=10, last_step=99) is False
+    assert guard.check(0, 10) is True
+    flag.received = False
+    # only rank 0 meets a NaN: both stop at the same check
+    guard.observe(torch.tensor(float("nan") if rank == 0 else 1.0))
+    with pytest.raises(NonFiniteLoss) as info:
+        guard.check(0, 20)
+    assert info.value.until == (0, 20)
 
 
 def test_all_processes_agree_in_a_two_process_group(tmp_path):
-    try:
-        mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                           start_method="fork")
-    except Exception as exc:
-        failures = "\n".join(p.read_text() for p in sorted(tmp_path.glob("fail.*")))
-        pytest.fail(f"2-process guard failed:\n{failures or exc}")
-    assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()
+    fork_gloo_pair(_agreement, tmp_path, "2-process guard")
