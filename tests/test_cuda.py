@@ -162,6 +162,25 @@ def test_pretrain_amp_channels_last_fast_aug_then_linear_classification(image_fo
     assert linear["epoch"] == 1 and 0.0 <= linear["best_acc1"] <= 100.0
 
 
+def test_pretrain_device_decode_on_the_gpu(image_folder, tmp_path):
+    """--device-decode: JPEG bytes from the workers, nvJPEG decoding, batched crops and the colour
+    augmentation on the side stream; a finite epoch with the queue advanced."""
+    from PIL import Image
+    data = tmp_path / "jpeg"
+    for folder, _, files in os.walk(image_folder):
+        for name in files:
+            target = data / os.path.relpath(folder, image_folder) / name.replace(".png", ".jpg")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(os.path.join(folder, name)).save(target, quality=95)
+    out = tmp_path / "pretrain"
+    run([os.path.join(ROOT, "main_moco.py"), *PRETRAIN, "--amp", "--channels-last", "--device-decode",
+         "--output-dir", out, data], first_gpu_env(), tmp_path)
+    checkpoint = torch.load(out / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["device_decode"] is True
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    assert checkpoint["state_dict"]["module.queue_ptr"].item() == 48 % 64
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_process_nccl_run(image_folder, tmp_path):
     env = cuda_env(threads=1)
