@@ -71,7 +71,8 @@ def test_draft_decoded_crop_is_within_resampling_noise_of_the_full_decode(tmp_pa
     crop = RandomResizedCropFlip(64)
     box = (40, 60, 500, 560, True)
     with Image.open(path) as img:
-        drafted = crop.apply(draft_decode(img, [box[:4]], crop.size), box)
+        reduced = draft_decode(img, [box[:4]], crop.size)
+        drafted = crop.apply(reduced, box, reduced.draft_scale)
     with Image.open(path) as img:
         exact = crop.apply(img.convert("RGB"), box)
     diff = (drafted.int() - exact.int()).abs()
@@ -121,16 +122,14 @@ def test_collate_keeps_payloads_apart(tmp_path):
 
 
 def test_worker_crop_matches_torchvision_on_a_photo_like_image():
-    """On natural-looking content the one-pass box resize is within a few grey levels of crop-then-resize
-    in its outermost rows and columns and equal inside them."""
+    """On natural-looking content torch's uint8 resize is within a grey level or two of PIL's."""
     image = smooth_image(120, 90)
     for box in [(5, 7, 60, 80), (0, 0, 90, 120), (30, 40, 20, 25)]:
         ours = RandomResizedCropFlip(32).apply(image, (*box, False))
         ref = TF.pil_to_tensor(TF.resized_crop(image, *box, [32, 32], transforms.InterpolationMode.BILINEAR,
                                                antialias=True))
         diff = (ours.int() - ref.int()).abs()
-        assert diff.max() <= 5 and diff.float().mean() < 0.5
-        assert diff[:, 1:-1, 1:-1].max() == 0
+        assert diff.max() <= 2 and diff.float().mean() < 0.1
 
 
 def test_unreadable_jpeg_body_fails_in_the_path_transform(tmp_path):
