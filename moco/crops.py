@@ -5,9 +5,9 @@ exact resumption hold, moco.data.RobustImageFolder) and in the same order:
 
 * `TwoCropsUint8` (`--fast-aug`): decode once and, per crop, draw the RandomResizedCrop box with
   torchvision's own `RandomResizedCrop.get_params` (scale (0.2, 1), ratio (3/4, 4/3), same fallback), the
-  horizontal flip (p = 0.5) and the colour parameters (moco.aug_params), then crop and resize in one
-  PIL pass (bilinear, antialiased) and return a uint8 3 x S x S tensor: no float work in the workers and
-  4x less inter-process traffic than float32 crops.
+  horizontal flip (p = 0.5) and the colour parameters (moco.aug_params), then resize each box (bilinear,
+  antialiased, with torch's uint8 kernel) and return a uint8 3 x S x S tensor: no float work in the
+  workers and 4x less inter-process traffic than float32 crops.
 * `EncodedTwoCrops` (`--device-decode`): the worker reads the file and its header only, draws the same
   parameters from the header's size, and ships the encoded bytes; the training device decodes, crops
   and resizes (moco.device_crops). Files that the device cannot decode (not JPEG, CMYK) are decoded here
