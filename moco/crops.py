@@ -124,8 +124,8 @@ class TwoCropsUint8:
 
     def one(self, image):
         """One crop of a PIL image (with its colour parameters when they are drawn here)."""
-        (box, params), = [(self.crop.get_params(image),
-                           None if self.recipe is None else self.recipe.sample_params_tensor(1)[0])]
+        box = self.crop.get_params(image)
+        params = None if self.recipe is None else self.recipe.sample_params_tensor(1)[0]
         crop = self.crop.apply(image, box)
         return crop if params is None else (crop, params)
 

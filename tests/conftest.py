@@ -80,22 +80,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def kill_tree(proc):
-    """Kill a child started by a test and every process below it (torchrun puts its workers in sessions
-    of their own, so a process group would miss them), found through /proc; then reap the child."""
-    parents = {}
+def descendants(pid):
+    """The ids of all processes below `pid`, read from /proc (empty where there is no /proc)."""
+    children = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
         except (OSError, ValueError, IndexError):
             continue
-    victims, todo = [], [proc.pid]
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
     while todo:
-        pid = todo.pop()
-        victims.append(pid)
-        todo.extend(parents.get(pid, []))
-    for pid in victims:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc):
+    """Kill a child started by a test and every process below it (torchrun puts its workers in sessions
+    of their own, so a process group would miss them); then reap the child."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

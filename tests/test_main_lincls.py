@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ import main_lincls
 import main_moco
 from moco.distributed import plan_launch
 from moco.errors import UserError, run_cli
-from tests.conftest import make_image_folder
+from tests.conftest import kill_tree, make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["-a", "resnet18", "--crop-size", "32", "-j", "0"]
@@ -64,26 +63,6 @@ def clean_env(threads=2):
     return env
 
 
-def descendants(pid):
-    """The ids of all processes below `pid`, read from /proc (empty where there is no /proc)."""
-    children = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def run_script(argv, launcher=(), threads=2, timeout=300):
     """Run main_lincls.py (under `launcher`, e.g. torchrun). On a timeout, kill it and every process it
     started (torchrun puts its workers in sessions of their own), then fail."""
@@ -93,9 +72,7 @@ def run_script(argv, launcher=(), threads=2, timeout=300):
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(proc)
         proc.communicate()
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (a hang?)")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
