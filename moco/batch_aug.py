@@ -30,8 +30,9 @@ import torch
 from moco.aug_params import (BRIGHTNESS, CONTRAST, HUE, SATURATION, AugParams, ColorRecipe,  # noqa: F401
                              looks_like_params)
 from moco.color_ops import (GRAY_WEIGHTS, adjust_brightness_, adjust_contrast_, adjust_hue_,  # noqa: F401
-                            adjust_saturation_, blur_, blur_passes, box_kernel, gaussian_kernel, grayscale_,
-                            normalize, pil_box_radius, rgb_to_grayscale, _buffer)
+                            adjust_saturation_, blur_, blur_batched_, blur_kernels, blur_passes, box_kernel,
+                            gaussian_kernel, grayscale_, normalize, pil_box_radius, rgb_to_grayscale, _buffer)
+from moco.device_batches import upload
 from moco.crops import RandomResizedCropFlip, TwoCropsUint8, crop_flip_transform  # noqa: F401
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD
 
@@ -180,46 +181,59 @@ class BatchAugment(ColorRecipe, torch.nn.Module):
 
     # ------------------------------------------------------------------------------ batched execution
     def _apply_batched(self, images, params):
+        """The recipe's operations in order, each on the images that draw it. What the device needs
+        besides the images (the factors, which images each operation takes, the blur kernels) is
+        gathered on the host first and copied in one transfer that does not make the host wait."""
         x = images.to(torch.float32)
         x = x.div_(255.0) if images.dtype == torch.uint8 else x.clone()
         x = x.contiguous()
-        ops = {BRIGHTNESS: lambda y, q: adjust_brightness_(y, q.brightness),
-               CONTRAST: lambda y, q: adjust_contrast_(y, q.contrast),
-               SATURATION: lambda y, q: adjust_saturation_(y, q.saturation),
-               HUE: lambda y, q: adjust_hue_(y, q.hue)}
-
-        def jitter():
-            for stage in range(4):
-                for op in (BRIGHTNESS, CONTRAST, SATURATION, HUE):
-                    _masked_(x, params.jitter & (params.order[:, stage] == op), ops[op], params)
-
-        def gray():
-            _masked_(x, params.gray, lambda y, q: grayscale_(y), params)
-
-        if self.aug_plus:
-            jitter()
-            gray()
-            _masked_(x, params.blur, lambda y, q: blur_(y, q.sigma, self.blur_kind), params)
-        else:
-            gray()
-            jitter()
+        steps = self._steps(params)
+        factors = torch.stack([params.brightness, params.contrast, params.saturation, params.hue], dim=1)
+        indices = [index for _, index in steps if index is not None]
+        blur = [(op, index) for op, index in steps if op == BLUR]
+        kernels = []
+        if blur:
+            sigma = params.sigma if blur[0][1] is None else params.sigma[blur[0][1]]
+            kernels = blur_kernels(sigma.tolist(), self.blur_kind)
+        uploaded = upload([factors.to(torch.float32), *indices, *kernels], x.device)
+        factors, indices, kernels = uploaded[0], iter(uploaded[1:1 + len(indices)]), uploaded[1 + len(indices):]
+        for op, index in steps:
+            dev_index = None if index is None else next(indices)
+            y = x if dev_index is None else x.index_select(0, dev_index)
+            f = factors if dev_index is None else factors.index_select(0, dev_index)
+            if op == GRAY:
+                grayscale_(y)
+            elif op == BLUR:
+                blur_batched_(y, kernels)
+            else:
+                _FACTOR_OPS[op](y, f[:, _FACTOR_COLUMN[op]])
+            if dev_index is not None:
+                x.index_copy_(0, dev_index, y)
         mean, std = self._stats(x.device)
         return x.sub_(mean).div_(std)
 
+    def _steps(self, params):
+        """[(operation, CPU index of the images it applies to, None for all)] in the recipe's order,
+        operations that no image draws left out."""
+        masks = []
+        jitter = [(op, params.jitter & (params.order[:, stage] == op))
+                  for stage in range(4) for op in (BRIGHTNESS, CONTRAST, SATURATION, HUE)]
+        if self.aug_plus:
+            masks = jitter + [(GRAY, params.gray), (BLUR, params.blur)]
+        else:
+            masks = [(GRAY, params.gray)] + jitter
+        steps = []
+        for op, mask in masks:
+            count = int(mask.sum())
+            if count:
+                steps.append((op, None if count == mask.numel() else mask.nonzero().squeeze(1)))
+        return steps
 
-def _masked_(x, mask, fn, params):
-    """fn(y, params_of_y) in place on the images of x selected by the CPU bool `mask`."""
-    count = int(mask.sum())
-    if count == 0:
-        return
-    if count == mask.numel():
-        fn(x, params)
-        return
-    index = mask.nonzero().squeeze(1)
-    dev_index = index.to(x.device, non_blocking=True)
-    y = x.index_select(0, dev_index)
-    fn(y, params.select(index))
-    x.index_copy_(0, dev_index, y)
+
+GRAY, BLUR = "gray", "blur"
+_FACTOR_COLUMN = {BRIGHTNESS: 0, CONTRAST: 1, SATURATION: 2, HUE: 3}
+_FACTOR_OPS = {BRIGHTNESS: adjust_brightness_, CONTRAST: adjust_contrast_, SATURATION: adjust_saturation_,
+               HUE: adjust_hue_}
 
 
 __all__ = [

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco.distributed import broadcast_from_main, concat_all_gather, get_rank, get_world_size
+from moco.runtime import to_device
 
 
 def check_queue_divisible(K, keys_per_step):
@@ -157,8 +158,9 @@ class MoCo(nn.Module):
         """
         x_all = concat_all_gather(x)  # B_all x ...
         batch_all = x_all.shape[0]
-        # drawn on the CPU generator (as the reference does) and made identical on every process
-        perm = torch.randperm(batch_all).to(x.device)
+        # drawn on the CPU generator (as the reference does) and made identical on every process; copied
+        # from pinned memory, so that the host does not wait for the GPU to finish the step so far
+        perm = to_device(torch.randperm(batch_all), x.device)
         broadcast_from_main(perm)
         idx_unshuffle = torch.argsort(perm)
         idx_this = perm.view(get_world_size(), -1)[get_rank()]

@@ -16,9 +16,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moco.device_batches import upload
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD
+from moco.runtime import to_device
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale
+_CONSTANTS = {}
+
 
 def _buffer(ws, name, shape, like):
     if ws is None:
@@ -35,7 +39,20 @@ def _is_scalar(value):
 
 
 def _per_image(factor, x, dims=4):
-    return torch.as_tensor(factor).to(device=x.device, dtype=x.dtype).view((-1,) + (1,) * (dims - 1))
+    """N per-image values viewed for broadcasting over x; values not on x's device yet are copied
+    without making the host wait (the batched path hands them over already there)."""
+    factor = torch.as_tensor(factor)
+    if factor.device != x.device:
+        factor = to_device(factor, x.device)
+    return factor.to(dtype=x.dtype).view((-1,) + (1,) * (dims - 1))
+
+
+def _constant(values, like, shape=(-1,)):
+    """A constant tensor on like's device and dtype, copied there once per device and dtype."""
+    key = (tuple(values), tuple(shape), like.device, like.dtype)
+    if key not in _CONSTANTS:
+        (_CONSTANTS[key],) = upload([torch.tensor(values, dtype=like.dtype).view(shape)], like.device)
+    return _CONSTANTS[key]
 
 
 def rgb_to_grayscale(x, out=None):
@@ -65,7 +82,7 @@ def adjust_brightness_(x, factor):
 
 def adjust_contrast_(x, factor):
     """torchvision adjust_contrast: blend with the mean of the grayscale image, clamp to [0, 1]."""
-    weights = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+    weights = _constant(GRAY_WEIGHTS, x)
     mean = (x.mean(dim=(2, 3)) * weights).sum(dim=1).view(-1, 1, 1, 1)  # the mean of the grayscale image
     if _is_scalar(factor):
         x.mul_(factor).add_(mean.mul_(1.0 - factor))
@@ -85,16 +102,10 @@ def adjust_saturation_(x, factor, ws=None):
     return x.mul_(f).add_(gray.mul_(1.0 - f)).clamp_(0.0, 1.0)
 
 
-_HUE_CONSTANTS = {}
-
-
 def _hue_constants(x):
-    key = (x.device, x.dtype)
-    if key not in _HUE_CONSTANTS:
-        def col(values):
-            return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        _HUE_CONSTANTS[key] = (col([3.0, 2.0, 4.0]), col([1.0, -1.0, -1.0]), col([-1.0, 2.0, 2.0]))
-    return _HUE_CONSTANTS[key]
+    shape = (1, 3, 1, 1)
+    return (_constant((3.0, 2.0, 4.0), x, shape), _constant((1.0, -1.0, -1.0), x, shape),
+            _constant((-1.0, 2.0, 2.0), x, shape))
 
 
 def adjust_hue_(x, hue, ws=None):
@@ -228,7 +239,9 @@ def _pass_batched_(x, kernels, dim):
     n, c, h, w = x.shape
     k = kernels.shape[1]
     r = k // 2
-    weight = kernels.to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)
+    if kernels.device != x.device:
+        kernels = to_device(kernels, x.device)
+    weight = kernels.to(dtype=x.dtype).repeat_interleave(c, dim=0)
     if dim == 3:
         y = F.pad(x, (r, r, 0, 0), mode="replicate").view(1, n * c, h, w + 2 * r)
         y = F.conv2d(y, weight.view(n * c, 1, 1, k), groups=n * c)
@@ -236,6 +249,29 @@ def _pass_batched_(x, kernels, dim):
         y = F.pad(x, (0, 0, r, r), mode="replicate").view(1, n * c, h + 2 * r, w)
         y = F.conv2d(y, weight.view(n * c, 1, k, 1), groups=n * c)
     x.copy_(y.view(n, c, h, w))
+    return x
+
+
+def blur_kernels(sigmas, kind="pil"):
+    """The per-image kernels of a batched blur of the N `sigmas` (a list): one N x K float32 CPU tensor
+    per pass, every image's kernel centred in the pass's common (odd) length K with zeros."""
+    per_image = [blur_passes(s, kind) for s in sigmas]
+    tables = []
+    for p in range(len(per_image[0])):
+        k = max(len(passes[p]) for passes in per_image)
+        rows = []
+        for passes in per_image:
+            pad = (k - len(passes[p])) // 2
+            rows.append([0.0] * pad + passes[p] + [0.0] * pad)
+        tables.append(torch.tensor(rows, dtype=torch.float32))
+    return tables
+
+
+def blur_batched_(x, kernels):
+    """x <- each pass of `kernels` (from `blur_kernels`, on x's device or not) along both axes."""
+    for table in kernels:
+        _pass_batched_(x, table, 3)
+        _pass_batched_(x, table, 2)
     return x
 
 
@@ -248,20 +284,9 @@ def blur_(x, sigma, kind="pil", ws=None):
         kernels = blur_passes(sigma, kind)
         _blur_axis_scalar_(x, kernels, 3, ws)
         return _blur_axis_scalar_(x, kernels, 2, ws)
-    per_image = [blur_passes(s, kind) for s in torch.as_tensor(sigma).tolist()]
-    for p in range(len(per_image[0])):
-        k = max(len(passes[p]) for passes in per_image)
-        rows = []
-        for passes in per_image:  # centre every kernel in the common length k with zeros
-            pad = (k - len(passes[p])) // 2
-            rows.append([0.0] * pad + passes[p] + [0.0] * pad)
-        kernels = torch.tensor(rows, dtype=torch.float32)
-        _pass_batched_(x, kernels, 3)
-        _pass_batched_(x, kernels, 2)
-    return x
+    kernels = blur_kernels(torch.as_tensor(sigma).tolist(), kind)
+    return blur_batched_(x, upload(kernels, x.device))
 
 
 def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    return (x - _constant(mean, x, (1, -1, 1, 1))) / _constant(std, x, (1, -1, 1, 1))

@@ -6,9 +6,78 @@ of `--channels-last`. On CUDA this runs on a side stream one batch ahead of the 
 it overlaps the step instead of preceding it; the training stream waits for it only when it uses the
 batch. On the CPU (no streams) it runs inline, in order, with the same results.
 """
+import os
+
 import torch
 
 from moco.runtime import to_device
+
+ALIGN = 16  # bytes between the tensors packed by `upload`: any dtype's view of a slice stays aligned
+
+
+def upload(tensors, device):
+    """The CPU `tensors` on `device`, by one copy: packed into one byte buffer (pinned for a GPU), copied
+    without blocking the host, and viewed back with their dtypes and shapes. Small per-batch tables
+    (crop boxes, indices, colour factors, blur kernels) copied one by one from pageable memory would
+    each make the host wait for the GPU."""
+    device = torch.device(device)
+    tensors = [t.detach().contiguous() for t in tensors]
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    on_gpu = device.type == "cuda"
+    packed = torch.empty(max(total, ALIGN), dtype=torch.uint8, pin_memory=on_gpu)
+    for t, start in zip(tensors, offsets):
+        if t.numel():
+            packed[start:start + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+    packed = packed.to(device, non_blocking=True)
+    out = []
+    for t, start in zip(tensors, offsets):
+        nbytes = t.numel() * t.element_size()
+        out.append(packed[start:start + nbytes].view(t.dtype).view(t.shape))
+    return out
+
+
+class SyncDebug:
+    """Proof that the training loop never waits for the GPU between its declared check points.
+
+    With the environment variable MOCO_SYNC_DEBUG set to "error" (or "warn"), `steps(batches)` turns on
+    `torch.cuda.set_sync_debug_mode` while each step runs (the batch's preparation included), from the
+    step after the first (a warm-up: cuDNN autotuning, DDP's bucket set-up, nvJPEG's start), and
+    `check_point()` turns it off until the next step: the loop calls it where it is meant to wait (the
+    --print-freq check with its meters, the epoch's end, saves). Unset: nothing changes."""
+
+    ENV = "MOCO_SYNC_DEBUG"
+
+    def __init__(self, mode=None, warmup_steps=1):
+        self.mode = mode if mode is not None else os.environ.get(self.ENV, "")
+        self.warmup_steps = warmup_steps
+        self.active = self.mode not in ("", "0", "default") and torch.cuda.is_available()
+
+    def _set(self, mode):
+        if self.active:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    def steps(self, batches):
+        """Iterate `batches` with the check on from the end of the warm-up until `check_point()`."""
+        iterator = iter(batches)
+        count = 0
+        try:
+            while True:
+                if count >= self.warmup_steps:
+                    self._set(self.mode)
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                count += 1
+                yield item
+        finally:
+            self._set(0)  # the epoch's end and whatever follows it may wait
+
+    def check_point(self):
+        self._set(0)
 
 
 class DeviceBatches:

@@ -14,6 +14,7 @@ An image the device cannot decode is decoded with PIL on the host; one that PIL 
 reported as unreadable (`on_bad(sample_index, error)`) and replaced by another image of the batch.
 """
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from moco.crops import META_BOXES, META_HEIGHT, META_IS_JPEG, META_PARAMS, META_WIDTH
 from moco.aug_params import PARAM_COLUMNS
+from moco.device_batches import upload
+from moco.runtime import to_device
 
 MAX_CHUNK = 64           # images per batched product
 MAX_PADDING = 1.5        # padded area / true area of a chunk
@@ -100,16 +103,25 @@ def resized_crops(images, boxes, size, method=None):
     if method == "interpolate":
         for i, image in enumerate(images):
             for c in range(2):
-                out[i, c] = resized_crop_interpolate(image, boxes[i, c], size)
+                out[i, c] = resized_crop_interpolate(image, boxes[i, c].cpu(), size)
         return out
-    for chunk in size_chunks([tuple(image.shape[1:]) for image in images]):
+    chunks = size_chunks([tuple(image.shape[1:]) for image in images])
+    order = torch.tensor([i for chunk in chunks for i in chunk], dtype=torch.long)
+    boxes = boxes.to(torch.float32)
+    if boxes.device == device:
+        (order,) = upload([order], device)
+    else:  # the boxes and the chunks' indices in one copy that does not make the host wait
+        boxes, order = upload([boxes, order], device)
+    start = 0
+    for chunk in chunks:
         height = max(images[i].shape[1] for i in chunk)
         width = max(images[i].shape[2] for i in chunk)
         padded = torch.zeros((len(chunk), 3, height, width), dtype=images[0].dtype, device=device)
         for slot, i in enumerate(chunk):
             padded[slot, :, :images[i].shape[1], :images[i].shape[2]] = images[i]
-        index = torch.tensor(chunk, device=device)
-        out.index_copy_(0, index, resized_crops_matmul(padded, boxes[chunk], size))
+        index = order[start:start + len(chunk)]
+        start += len(chunk)
+        out.index_copy_(0, index, resized_crops_matmul(padded, boxes.index_select(0, index), size))
     return out
 
 
@@ -125,7 +137,18 @@ class DeviceDecoder:
     ready for `BatchAugment`.
 
     `on_bad(path, error)` is called for an image that neither the device nor PIL can decode; it is
-    replaced by the previous good image of the batch (the next one for the first).
+    replaced by the previous good image of the batch (the next one for the first). An image that the
+    device decoder refuses but PIL reads is decoded on the host: `fallbacks` counts them, and the first
+    one is announced with its error (a GPU decoder that cannot start would otherwise make every image a
+    slow host decode without a word).
+
+    On CUDA, torchvision's decoder allocates its outputs on the current stream but writes them from
+    nvJPEG's own stream, which does not wait for the work already queued on the current stream
+    (pytorch/vision issue 9606): memory freed by that work could be written before that work has
+    finished reading or writing it. So the decoding runs on a stream of its own that holds nothing
+    else: its outputs come from memory only ever used by earlier decodes, whose last readers the
+    caching allocator waits for (`record_stream`), and explicit events order it after the caller's
+    queued work and the caller after it.
     """
 
     def __init__(self, crop_size, device, on_bad=None, method=None):
@@ -133,34 +156,68 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.on_bad = on_bad
         self.method = method
+        self.fallbacks = 0
+        self.fallback_error = None  # the first device decoder error that sent an image to PIL
+        self._stream = None
 
     def decode(self, batch):
         """The list of uint8 3 x H x W images of the batch on the device (None for unreadable ones)."""
         meta = batch.meta
         images = [None] * len(batch)
         jpeg = [i for i, is_jpeg in enumerate(meta[:, META_IS_JPEG].tolist()) if is_jpeg]
-        for i in sorted(set(range(len(batch))) - set(jpeg)):  # pixels decoded by the worker
-                h, w = int(meta[i, META_HEIGHT]), int(meta[i, META_WIDTH])
-                images[i] = batch.payload[i].view(h, w, 3).permute(2, 0, 1).to(self.device, non_blocking=True)
-        try:
-            decoded = decode_jpeg([batch.payload[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # one bad file fails the whole batched call: decode one by one
-            decoded = [self._decode_one(batch.payload[i], batch.path[i]) for i in jpeg]
-        for i, image in zip(jpeg, decoded):
-            images[i] = image
+        pixels = sorted(set(range(len(batch))) - set(jpeg))  # decoded by the worker (PNG, ...)
+        shapes = [(int(meta[i, META_HEIGHT]), int(meta[i, META_WIDTH])) for i in pixels]
+        uploaded = upload([batch.payload[i] for i in pixels], self.device)
+        for i, (h, w), image in zip(pixels, shapes, uploaded):
+            images[i] = image.view(h, w, 3).permute(2, 0, 1)
+        if jpeg:  # decode_jpeg([]) raises: a batch of PNG files has nothing for it
+            for i, image in zip(jpeg, self._decode_jpegs([batch.payload[i] for i in jpeg],
+                                                         [batch.path[i] for i in jpeg])):
+                images[i] = image
         return images
+
+    def _decode_jpegs(self, payloads, paths):
+        if self.device.type != "cuda":
+            return self._decode_all(payloads, paths)
+        caller = torch.cuda.current_stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            decoded = self._decode_all(payloads, paths)
+        caller.wait_stream(self._stream)
+        for image in decoded:
+            if image is not None:
+                image.record_stream(caller)  # freed only once the caller's work on it is done
+        return decoded
+
+    def _decode_all(self, payloads, paths):
+        try:
+            return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one bad file fails the whole batched call: decode one by one
+            return [self._decode_one(payload, path) for payload, path in zip(payloads, paths)]
 
     def _decode_one(self, payload, path):
         try:
             return decode_jpeg(payload, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            pass
+        except RuntimeError as err:
+            device_error = err
         try:  # formats or corner cases that the device decoder refuses
-            return pil_decode(payload).to(self.device)
+            image = pil_decode(payload)
         except Exception as err:  # noqa: BLE001 - whatever PIL raises, the image is unreadable
             if self.on_bad is not None:
                 self.on_bad(path, err)
             return None
+        self._count_fallback(path, device_error)
+        return to_device(image, self.device)
+
+    def _count_fallback(self, path, error):
+        self.fallbacks += 1
+        if self.fallback_error is None:
+            self.fallback_error = f"{type(error).__name__}: {str(error).strip()}"
+            warnings.warn(f"--device-decode: the {self.device.type} JPEG decoder failed on {path} "
+                          f"({self.fallback_error}); such images are decoded with PIL on the host instead "
+                          f"(slower), counted in DeviceDecoder.fallbacks; this is said once", RuntimeWarning)
 
     def __call__(self, batch):
         images = self.decode(batch)
