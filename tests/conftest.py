@@ -53,11 +53,18 @@ def cpu_env(threads=1, **extra):
     return env
 
 
-def cuda_env(threads=1, **extra):
-    """Like `cpu_env`, with the GPUs this pytest process sees left visible."""
+def cuda_env(threads=1, one_gpu=False, **extra):
+    """Like `cpu_env`, with the GPUs this pytest process sees left visible: all of them, or with
+    `one_gpu` only the first (its CUDA_VISIBLE_DEVICES' first entry, else GPU 0). A
+    CUDA_VISIBLE_DEVICES given in `extra` is the caller's choice and stays as given."""
     env = cpu_env(threads, **extra)
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    if "CUDA_VISIBLE_DEVICES" in extra:
+        return env
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if one_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0].strip() if visible else "0"
+    elif visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
     else:
         del env["CUDA_VISIBLE_DEVICES"]
     return env

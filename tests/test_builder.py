@@ -577,3 +577,42 @@ def test_bf16_autocast_forward_keeps_a_float32_queue():
         k = F.normalize(model.encoder_k(im_k), dim=1)  # full-precision encoding of the same key images
     cosine = (new.T * k).sum(dim=1)
     assert (cosine > 0.99).all(), cosine  # the enqueued columns are these keys, at bf16 precision
+
+
+def tiny_moco(device="cpu"):
+    torch.manual_seed(0)
+    return MoCo(functools.partial(torchvision.models.resnet18), dim=8, K=32, m=0.9).to(device)
+
+
+def test_batch_shuffle_draws_one_permutation_from_the_cpu_generator():
+    """The shuffle's permutation is torch.randperm on the default CPU generator, nothing more: the random
+    stream that bit-exact resumption and the reference equivalence rely on."""
+    model = tiny_moco()
+    x = torch.randn(6, 3, 4, 4)
+    torch.manual_seed(7)
+    shuffled, unshuffle = model._batch_shuffle(x)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    perm = torch.randperm(6)
+    assert torch.equal(shuffled, x[perm]) and torch.equal(unshuffle, torch.argsort(perm))
+    assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cuda_forward_does_not_make_the_host_wait(symmetric):
+    """The key shuffle's permutation (twice with the symmetric loss) reaches the GPU from pinned memory:
+    after a warm-up step, a forward pass queues its work without one host synchronisation."""
+    torch.manual_seed(0)
+    model = MoCo(torchvision.models.resnet18, dim=8, K=32, m=0.9, symmetric=symmetric).cuda()
+    im_q, im_k = torch.randn(2, 8, 3, 32, 32, device="cuda")
+    model(im_q, im_k)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits, labels = model(im_q, im_k)
+        loss = contrastive_loss(logits, labels, symmetric)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)

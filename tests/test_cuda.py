@@ -34,8 +34,7 @@ TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 def first_gpu_env(**extra):
     """The environment of a child that sees one GPU: the first one this process sees."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return cuda_env(threads=2, CUDA_VISIBLE_DEVICES=visible.split(",")[0] if visible else "0", **extra)
+    return cuda_env(threads=2, one_gpu=True, **extra)
 
 
 def make_moco(device="cuda"):
@@ -128,6 +127,14 @@ def test_nccl_world_of_one():
         x = torch.arange(6.0, device=ctx.device).view(3, 2)
         assert torch.equal(concat_all_gather(x), x)
         assert torch.equal(all_reduce_sum(x.clone()), x)
+        # the helpers above skip the collective in a world of one: run NCCL's own, and wait for them
+        y = x.clone()
+        torch.distributed.all_reduce(y)
+        gathered = torch.empty(1, 3, 2, device=ctx.device)
+        torch.distributed.all_gather_into_tensor(gathered, x)
+        torch.distributed.barrier()
+        torch.cuda.synchronize(ctx.device)
+        assert torch.equal(y, x) and torch.equal(gathered[0], x)
     assert not torch.distributed.is_initialized()
 
 

@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from moco.aug_params import ColorRecipe
 from moco.batch_aug import BatchAugment
-from moco.device_batches import DeviceBatches
+from moco.device_batches import DeviceBatches, upload
 
 
 class PairsWithParams(torch.utils.data.Dataset):
@@ -54,6 +54,18 @@ def test_plain_batches_are_only_moved_and_laid_out():
         assert q.is_contiguous(memory_format=torch.channels_last)
 
 
+class SlowOnTheSideStream:
+    """BatchAugment behind a long kernel queued on the stream that prepares the batch (the side stream):
+    a training stream that did not wait for the batch's event would read it before it is written."""
+
+    def __init__(self, augment, cycles=50_000_000):
+        self.augment, self.cycles = augment, cycles
+
+    def __call__(self, images):
+        torch.cuda._sleep(self.cycles)
+        return self.augment(images)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_side_stream_batches_equal_the_inline_ones_on_cuda():
@@ -61,9 +73,35 @@ def test_side_stream_batches_equal_the_inline_ones_on_cuda():
     augment = BatchAugment(aug_plus=True).cuda()
     loader = DataLoader(dataset, batch_size=8, pin_memory=True)
     got = []
-    for q, k in DeviceBatches(loader, torch.device("cuda"), augment=augment):
-        torch.cuda._sleep(1_000_000)  # a busy training stream: the next batch is prepared meanwhile
-        got.append((q.clone(), k.clone()))
+    for q, k in DeviceBatches(loader, torch.device("cuda"), augment=SlowOnTheSideStream(augment)):
+        got.append((q.clone(), k.clone()))  # on the training stream, at once
     want = expected(dataset, 8, augment)
+    assert len(got) == len(want) == 3
     for (q, k), (wq, wk) in zip(got, want):
         assert torch.allclose(q, wq.cuda(), atol=1e-5) and torch.allclose(k, wk.cuda(), atol=1e-5)
+
+
+def test_upload_packs_tensors_of_any_dtype_and_shape_into_one_copy():
+    tensors = [torch.arange(6, dtype=torch.float32).view(2, 3), torch.tensor([True, False, True]),
+               torch.zeros(0, dtype=torch.long), torch.arange(5, dtype=torch.int64) - 2,
+               torch.rand(3, 1, 5, dtype=torch.float64)[:, :, ::2]]  # a non-contiguous one
+    out = upload(tensors, "cpu")
+    base = out[0].untyped_storage().data_ptr()
+    for a, b in zip(tensors, out):
+        assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
+        assert b.numel() == 0 or b.untyped_storage().data_ptr() == base  # one buffer for all
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_upload_to_cuda_does_not_make_the_host_wait():
+    tensors = [torch.rand(4, 3), torch.arange(7), torch.tensor([True, False])]
+    upload(tensors, "cuda")  # warm-up: the pinned host allocator's first block
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = upload(tensors, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(tensors, out):
+        assert b.is_cuda and torch.equal(a, b.cpu())

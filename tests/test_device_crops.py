@@ -1,5 +1,6 @@
 """Device side of --device-decode (moco/device_crops.py): decoding, batched crops against PIL's, bad files."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -142,8 +143,102 @@ def test_cuda_decoder_matches_the_cpu_decoder(tmp_path):
     paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 300 + 20 * i, 200 + 30 * i, i) for i in range(6)]
     batch = encoded_batch(paths, 64, seed=3)
     cpu = DeviceDecoder(64, "cpu")(batch)
-    gpu = DeviceDecoder(64, "cuda")(batch)
+    decoder = DeviceDecoder(64, "cuda")
+    gpu = decoder(batch)
+    assert decoder.fallbacks == 0, decoder.fallback_error  # nvJPEG decoded every image
     for (a, pa), (b, pb) in zip(cpu, gpu):
         assert torch.equal(pa, pb)
         diff = (a - b.cpu()).abs() * 255  # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
         assert diff.mean() < 1.0 and diff.max() <= 8
+
+
+def test_batch_without_jpeg_skips_the_jpeg_decoder(tmp_path):
+    """A PNG folder (the built-in data set) gives batches with no JPEG: decode_jpeg([]) would raise."""
+    paths = []
+    for i in range(3):
+        Image.open(smooth_jpeg(tmp_path / f"{i}.jpg", 40 + 8 * i, 36, i)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    batch = encoded_batch(paths, 16, seed=4)
+    assert not batch.meta[:, 2].any()  # META_IS_JPEG: every image was decoded by the worker
+    decoder = DeviceDecoder(16, "cpu")
+    (q, _), (k, _) = decoder(batch)
+    assert q.shape == k.shape == (3, 3, 16, 16) and decoder.fallbacks == 0
+    worker = TwoCropsUint8(16, aug_plus=True)
+    torch.manual_seed(4)
+    (wq, _), _ = worker(paths[0])
+    assert (q[0] * 255 - wq.float()).abs()[:, 1:-1, 1:-1].max() <= 2
+
+
+def test_device_decoder_failures_are_counted_and_announced_once(tmp_path):
+    """Files the device decoder refuses but PIL reads (here: PNG bytes announced as JPEG) are decoded on
+    the host: counted, and the first one's error said once."""
+    paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 48, 40, i) for i in range(2)]
+    batch = encoded_batch(paths, 16, seed=0)
+    decoder = DeviceDecoder(16, "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoder(batch)
+    assert decoder.fallbacks == 0 and not [w for w in caught if "decoded with PIL" in str(w.message)]
+    for i in range(2):
+        data = io.BytesIO()
+        Image.open(paths[i]).save(data, format="PNG")
+        batch.payload[i] = torch.frombuffer(bytearray(data.getvalue()), dtype=torch.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (q, _), _ = decoder(batch)
+        decoder(batch)
+    assert decoder.fallbacks == 4 and decoder.fallback_error
+    said = [str(w.message) for w in caught if "decoded with PIL" in str(w.message)]
+    assert len(said) == 1 and decoder.fallback_error in said[0] and paths[0] in said[0]
+    assert torch.isfinite(q).all() and q.shape == (2, 3, 16, 16)
+
+
+RACE_ROUNDS = 30
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decodes_are_not_overwritten_by_work_queued_before_them(tmp_path):
+    """pytorch/vision issue 9606: nvJPEG writes its outputs from its own stream, without waiting for the
+    caller's queued work. Each round frees, on the decoding caller's stream, blocks of the decoded
+    images' sizes that a queued kernel will still write after a long sleep; then the same batch is
+    decoded again. Decoded into those blocks, an image would be overwritten once the sleep ends. Every
+    decode must equal the first."""
+    paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 160 + 16 * i, 120 + 8 * i, i) for i in range(8)]
+    batch = encoded_batch(paths, 32, seed=5)
+    sizes = [3 * int(h) * int(w) for h, w in batch.meta[:, :2].tolist()]
+    decoder = DeviceDecoder(32, "cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        first = [image.clone() for image in decoder.decode(batch)]
+        decodes = []
+        for r in range(RACE_ROUNDS):
+            scratch = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
+            torch.cuda._sleep(20_000_000)
+            for block in scratch:
+                block.fill_(r % 250 + 3)
+            del scratch  # back to this stream's pool at once: its next allocations may take them
+            decodes.append([image.clone() for image in decoder.decode(batch)])
+    torch.cuda.synchronize()
+    differ = sum(any(not torch.equal(a, b) for a, b in zip(first, images)) for images in decodes)
+    print(f"decoder race: {differ} of {RACE_ROUNDS} decodes differ from the first")
+    assert differ == 0, f"{differ} of {RACE_ROUNDS} decodes differ from the first"
+    assert decoder.fallbacks == 0, decoder.fallback_error
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoder_does_not_make_the_host_wait(tmp_path):
+    """JPEG and PNG images, crops and all: after a warm-up batch, no host synchronisation."""
+    paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 120 + 16 * i, 100, i) for i in range(4)]
+    Image.open(paths[0]).save(tmp_path / "png.png")
+    batch = encoded_batch(paths + [str(tmp_path / "png.png")], 32, seed=6)
+    decoder = DeviceDecoder(32, "cuda")
+    decoder(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (q, _), (k, _) = decoder(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert q.shape == (5, 3, 32, 32) and torch.isfinite(q).all() and decoder.fallbacks == 0
