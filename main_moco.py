@@ -23,7 +23,7 @@ from moco.errors import Preempted, UserError, run_cli
 from moco.guard import NonFiniteLoss, StepGuard
 from moco.batch_aug import BatchAugment
 from moco.crops import EncodedTwoCrops, collate_encoded, crop_flip_transform, open_path, read_encoded
-from moco.device_batches import DeviceBatches
+from moco.device_batches import DeviceBatches, SyncDebug
 from moco.device_crops import DeviceDecoder
 from moco.loader import linear_val_transform, pretrain_transform
 from moco.logs import RunLog, require_tensorboard
@@ -279,7 +279,8 @@ def train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log,
     model.train()
     start_step = state.step_in_epoch
     epoch_start = end = time.time()
-    for i, (im_q, im_k) in enumerate(batches, start=start_step):
+    sync_debug = SyncDebug()  # MOCO_SYNC_DEBUG=error: any wait for the GPU outside the check below raises
+    for i, (im_q, im_k) in enumerate(sync_debug.steps(batches), start=start_step):
         meters.data_time.update(time.time() - end)  # waiting for the loader (and, on the CPU, --fast-aug)
         with precision.autocast():
             logits, labels = model(im_q, im_k)
@@ -291,6 +292,7 @@ def train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log,
         end = time.time()
         if not guard.due(i, args.print_freq, steps - 1):
             continue
+        sync_debug.check_point()  # the one declared wait of the loop, until the next step
         stop_now = check_step(guard, epoch, i, args)
         window.mark(i, time.time(), meters.data_time.sum)
         if i % args.print_freq == 0:

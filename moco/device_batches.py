@@ -7,6 +7,7 @@ it overlaps the step instead of preceding it; the training stream waits for it o
 batch. On the CPU (no streams) it runs inline, in order, with the same results.
 """
 import os
+import sys
 
 import torch
 
@@ -54,6 +55,9 @@ class SyncDebug:
         self.mode = mode if mode is not None else os.environ.get(self.ENV, "")
         self.warmup_steps = warmup_steps
         self.active = self.mode not in ("", "0", "default") and torch.cuda.is_available()
+        if self.active:  # said, so that a test can tell the check ran
+            print(f"{self.ENV}: torch.cuda.set_sync_debug_mode({self.mode!r}) on from step "
+                  f"{warmup_steps + 1} of the epoch, off at the loop's check points", file=sys.stderr, flush=True)
 
     def _set(self, mode):
         if self.active:

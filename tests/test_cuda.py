@@ -169,23 +169,50 @@ def test_pretrain_amp_channels_last_fast_aug_then_linear_classification(image_fo
     assert linear["epoch"] == 1 and 0.0 <= linear["best_acc1"] <= 100.0
 
 
-def test_pretrain_device_decode_on_the_gpu(image_folder, tmp_path):
-    """--device-decode: JPEG bytes from the workers, nvJPEG decoding, batched crops and the colour
-    augmentation on the side stream; a finite epoch with the queue advanced."""
+def jpeg_copy(image_folder, data):
+    """The PNG image folder re-encoded as JPEG files under `data`."""
     from PIL import Image
-    data = tmp_path / "jpeg"
     for folder, _, files in os.walk(image_folder):
         for name in files:
             target = data / os.path.relpath(folder, image_folder) / name.replace(".png", ".jpg")
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.open(os.path.join(folder, name)).save(target, quality=95)
+    return data
+
+
+def test_pretrain_device_decode_on_the_gpu(image_folder, tmp_path):
+    """--device-decode: JPEG bytes from the workers, nvJPEG decoding, batched crops and the colour
+    augmentation on the side stream; a finite epoch with the queue advanced, no image left to PIL."""
+    data = jpeg_copy(image_folder, tmp_path / "jpeg")
     out = tmp_path / "pretrain"
-    run([os.path.join(ROOT, "main_moco.py"), *PRETRAIN, "--amp", "--channels-last", "--device-decode",
-         "--output-dir", out, data], first_gpu_env(), tmp_path)
+    result = run([os.path.join(ROOT, "main_moco.py"), *PRETRAIN, "--amp", "--channels-last", "--device-decode",
+                  "--output-dir", out, data], first_gpu_env(), tmp_path)
+    assert "decoded with PIL" not in result.stderr  # DeviceDecoder's fallback notice
     checkpoint = torch.load(out / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)
     assert checkpoint["args"]["device_decode"] is True
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
     assert checkpoint["state_dict"]["module.queue_ptr"].item() == 48 % 64
+
+
+SYNC_SETS = {"plain": [], "fast-aug": ["--amp", "--channels-last", "--fast-aug"],
+             "device-decode": ["--amp", "--channels-last", "--device-decode"]}
+
+
+@pytest.mark.parametrize("name", list(SYNC_SETS))
+def test_training_steps_never_wait_for_the_gpu_between_check_points(image_folder, tmp_path, name):
+    """main_moco's loop under torch.cuda.set_sync_debug_mode("error") (MOCO_SYNC_DEBUG, see
+    moco.device_batches.SyncDebug): 6 steps of 8 images, --print-freq 100, so that only step 0 and the
+    last step reach the declared check point; any other host synchronisation in steps 1 to 5, the
+    batches' preparation included, raises and fails the run."""
+    data = jpeg_copy(image_folder, tmp_path / "jpeg") if name == "device-decode" else image_folder
+    argv = [*PRETRAIN, "-b", "8", "-p", "100", *SYNC_SETS[name], "--output-dir", tmp_path / "out", data]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "main_moco.py"), *map(str, argv)],
+                            cwd=str(tmp_path), env=first_gpu_env(MOCO_SYNC_DEBUG="error"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"a host synchronisation inside a step ({name}):\n" + result.stderr[-4000:]
+    assert "MOCO_SYNC_DEBUG: torch.cuda.set_sync_debug_mode('error') on" in result.stderr
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"]["module.queue_ptr"].item() == 48 % 64  # all 6 steps ran
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
