@@ -8,11 +8,15 @@ second epoch's steady-state figures from its log.txt: images/s between the synch
 loop (every --print-freq steps, where the host has waited for the device), from 10 % into the epoch to
 its end, and the fraction of that time spent waiting for data. The second epoch starts with an empty
 prefetch queue, so batches that the workers made while the first steps compiled or warmed up do not
-inflate it. Then it measures the step-only capacity of the same flags (scripts/bench_step.py: the same
-model on random tensors already on the device) and reports the ratio end-to-end / step-only.
+inflate it. Right before and right after that run it measures the step-only capacity of the same
+flags (scripts/bench_step.py: the same model on random tensors already on the device, steps queued
+between two synchronisations with main_moco.py's settings), so that both figures of a set are taken
+under the same load; the ratio end-to-end / step-only divides by the better of the two step figures,
+and their spread is reported. End to end cannot be faster than the step alone: a ratio above 1 is
+flagged as a measurement error (the load changed, or the two do not measure the same work).
 
     python scripts/bench_e2e.py                 # GPU: ResNet-50, 224 px, batch 256, K 65536, -j 16
-    python scripts/bench_e2e.py --quick         # CPU: ResNet-18, 64 px, a few minutes
+    python scripts/bench_e2e.py --quick         # CPU: ResNet-18, 64 px, batch 16, within 4 minutes
 
 Flag sets (--sets): default (the reference configuration: fp32, torchvision PIL pipeline), amp
 (--amp --channels-last), fast (+ --fast-aug), fast-compile (+ --compile), decode (--amp --channels-last
@@ -50,6 +54,11 @@ FLAG_SETS = {
 CUDA_ONLY = ("--amp", "--compile")
 
 
+def cpu_count():
+    """The cores this process may use (a container or `taskset` may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description="end-to-end main_moco.py throughput",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,15 +72,19 @@ def get_args_parser():
     parser.add_argument("--images", default=22528, type=int, help="generated training images")
     parser.add_argument("--print-freq", default=10, type=int, help="-p: the synchronised points")
     parser.add_argument("--data", default=None, help="existing folder with train/ (else generated)")
-    parser.add_argument("--step-steps", default=20, type=int, help="timed steps of the step-only run")
+    parser.add_argument("--step-steps", default=20, type=int, help="timed steps of each step-only run")
+    parser.add_argument("--step-warmup", default=3, type=int, help="untimed steps before them")
+    parser.add_argument("--set-timeout", default=None, type=float,
+                        help="seconds allowed to one end-to-end run (default: no limit)")
     parser.add_argument("--skip-step", action="store_true", help="only the end-to-end runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser
 
 
 def apply_quick(args):
-    args.arch, args.batch, args.crop, args.moco_k = "resnet18", 32, 64, 4096
-    args.images, args.print_freq, args.step_steps = 640, 2, 6
+    """Small enough for 4 minutes on 2 idle cores: 10 steps of 16 images per epoch."""
+    args.arch, args.batch, args.crop, args.moco_k = "resnet18", 16, 64, 4096
+    args.images, args.print_freq, args.step_steps, args.step_warmup = 160, 2, 4, 1
     args.workers = args.workers or 2
 
 
@@ -104,7 +117,11 @@ def run_e2e(name, flags, args, data, out_root):
     if args.crop <= 32:
         cmd.append("--cifar-stem")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.set_timeout)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(out, ignore_errors=True)
+        return {"error": f"timed out after {args.set_timeout:.0f} s", "wall_s": round(time.perf_counter() - start, 1)}
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -118,18 +135,41 @@ def run_e2e(name, flags, args, data, out_root):
 
 
 def run_step(flags, args, device):
-    """Step-only capacity of the same model and flags (random inputs on the device)."""
+    """Step-only capacity (images/s) of the same model and flags: random inputs on the device,
+    `--step-steps` steps between two synchronisations."""
     result = bench_step.run({
         "arch": args.arch, "batch": args.batch, "crop": args.crop, "moco_k": args.moco_k, "mlp": True,
         "moco_t": 0.2, "amp": "--amp" in flags, "channels_last": "--channels-last" in flags,
-        "compile": "--compile" in flags, "steps": args.step_steps, "warmup": 3, "device": str(device)})
+        "compile": "--compile" in flags, "steps": args.step_steps, "warmup": args.step_warmup, "rounds": 1,
+        "reference": False, "device": str(device)})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # leave the GPU's memory to the end-to-end run
     return result["ours"]["images_per_s"]
+
+
+def measure_set(name, flags, args, data, out_root, device):
+    """Step-only, end to end, step-only again, back to back; the ratio against the better step figure."""
+    row = {}
+    steps = [] if args.skip_step else [run_step(flags, args, device)]
+    row.update(run_e2e(name, flags, args, data, out_root))
+    if args.skip_step or "error" in row:
+        return row
+    steps.append(run_step(flags, args, device))
+    row["step_images_per_s"] = round(max(steps), 1)
+    row["step_images_per_s_before_after"] = [round(v, 1) for v in steps]
+    row["step_spread"] = round((max(steps) - min(steps)) / max(steps), 3)
+    if row.get("steady_images_per_s"):
+        row["ratio_e2e_over_step"] = round(row["steady_images_per_s"] / row["step_images_per_s"], 3)
+        if row["ratio_e2e_over_step"] > 1.0:
+            row["measurement_error"] = ("end to end faster than the step alone: the load changed between "
+                                        "the measurements, or they did not measure the same work")
+    return row
 
 
 def main(args):
     if args.quick:
         apply_quick(args)
-    args.workers = args.workers if args.workers is not None else os.cpu_count()
+    args.workers = args.workers if args.workers is not None else cpu_count()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sets = {}
     for name in args.sets:
@@ -138,45 +178,50 @@ def main(args):
             flags = [f for f in flags if f not in CUDA_ONLY]
         if flags not in sets.values():
             sets[name] = flags
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {cpu_count()}"
+    results = {}
+    report = {"device": device_name, "torch": torch.__version__, "usable_cpus": cpu_count(),
+              "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
     tmp = tempfile.mkdtemp(prefix="bench_e2e_")
     try:
         data = args.data
         if data is None:
             t0 = time.perf_counter()
-            data = make_folder(os.path.join(tmp, "data"), args.images, os.cpu_count())
+            data = make_folder(os.path.join(tmp, "data"), args.images, cpu_count())
             print(f"generated {args.images} JPEG files in {time.perf_counter() - t0:.0f} s", flush=True)
-        results = {}
         for name, flags in sets.items():
-            row = run_e2e(name, flags, args, data, tmp)
-            if not args.skip_step and "error" not in row:
-                row["step_images_per_s"] = round(run_step(flags, args, device), 1)
-                if row.get("steady_images_per_s"):
-                    row["ratio_e2e_over_step"] = round(row["steady_images_per_s"] / row["step_images_per_s"], 3)
+            row = measure_set(name, flags, args, data, tmp, device)
             results[name] = {"flags": " ".join(flags) or "(none)", **row}
             print(f"{name}: {results[name]}", flush=True)
+            write_json(report, args.json)  # after each set: a run cut short keeps what it measured
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {os.cpu_count()}"
-    report = {"device": device_name, "torch": torch.__version__,
-              "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
     print_table(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(report, args.json)
     return report
+
+
+def write_json(report, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def print_table(report):
     print(f"\n{report['device']}, {report['config']['arch']}, batch {report['config']['batch']}, "
           f"crop {report['config']['crop']}, K {report['config']['moco_k']}, -j {report['config']['workers']}")
-    print("| set | flags | end to end img/s | Data share | step-only img/s | ratio |")
+    print("| set | flags | end to end img/s | Data share | step-only img/s (before, after) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, r in report["results"].items():
         if "error" in r:
             print(f"| {name} | {r['flags']} | failed: {r['error']} | | | |")
             continue
+        ratio = r.get("ratio_e2e_over_step", "-")
+        if "measurement_error" in r:
+            ratio = f"{ratio} (measurement error: above 1)"
+        steps = r.get("step_images_per_s_before_after")
         print(f"| {name} | {r['flags']} | {r.get('steady_images_per_s')} | {r.get('steady_data_fraction')} | "
-              f"{r.get('step_images_per_s', '-')} | {r.get('ratio_e2e_over_step', '-')} |")
+              f"{r.get('step_images_per_s', '-')}{f' ({steps[0]}, {steps[1]})' if steps else ''} | {ratio} |")
 
 
 if __name__ == "__main__":

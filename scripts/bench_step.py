@@ -3,8 +3,13 @@
 
 One step = forward (query and key encoders, shuffle, logits) + cross-entropy + backward + SGD step, on
 random images already on the device (no data loading). Both models start from the same weights and
-queue and consume the same random numbers. Rounds are interleaved (A B, B A, A B, ...) so that noise
-from other work on the machine hits both alike; the reported throughput uses the median step time.
+queue and consume the same random numbers. Each round times `--steps` consecutive steps of one model
+between two synchronisations, as main_moco.py's loop runs them (the host queues step after step and
+waits only at its check points), with main_moco.py's own process settings (moco.runtime.setup_process:
+cuDNN autotuning on, as in a run without --seed) and its precision (moco.runtime.Precision: bf16
+autocast, or fp16 with a GradScaler and fused SGD). Rounds are interleaved (A B, B A, A B, ...) so that
+noise from other work on the machine hits both alike; the reported throughput uses the median round,
+min and max give the spread.
 
     python scripts/bench_step.py                       # ResNet-18, batch 32, 64 x 64 crops, K 4096, CPU or GPU
     python scripts/bench_step.py --mlp --json out.json
@@ -30,6 +35,14 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from moco.builder import MoCo, contrastive_loss  # noqa: E402
+from moco.runtime import Precision, setup_process  # noqa: E402
+
+
+def main_moco_settings(args):
+    """The process settings main_moco.py makes (moco.runtime.setup_process) for a run without --seed:
+    --seed here only makes the contenders' weights equal, it is not main_moco's --seed."""
+    run = argparse.Namespace(seed=None, batch_size=args.batch, workers=0)
+    setup_process(run, argparse.Namespace(procs_per_node=1))
 
 
 def load_reference():
@@ -58,8 +71,11 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="ours only: torch.compile the encoders")
     p.add_argument("--supervised", action="store_true",
                    help="also time a plain supervised step of the backbone (one crop, same options as ours)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model and round (default 10)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per model (default 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="time only this MoCo (and --supervised), not the reference-style one")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--lr", type=float, default=0.03)
@@ -97,8 +113,10 @@ def _build(args, device, reference):
     ours.to(device).train()
     ref.to(device).train()
 
-    def optimizer(model):
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    precision = Precision(args.amp, device)
+
+    def optimizer(model, fused=None):
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4, fused=fused)
 
     def step_ours(im_q, im_k):
         logits, labels = ours(im_q, im_k)
@@ -112,8 +130,10 @@ def _build(args, device, reference):
     if args.compile:
         ours.encoder_q.compile()
         ours.encoder_k.compile()
-    contenders = {"ours": (with_fast_options(step_ours, args, device), optimizer(ours)),
-                  "reference": (step_ref, optimizer(ref))}
+    contenders = {"ours": (with_fast_options(step_ours, args, precision),
+                           optimizer(ours, precision.fused_sgd or None), precision)}
+    if args.reference:
+        contenders["reference"] = (step_ref, optimizer(ref), Precision(False, device))
     if args.supervised:
         supervised = base(num_classes=1000).to(device).train()
         if args.channels_last:
@@ -125,39 +145,38 @@ def _build(args, device, reference):
         def step_supervised(im_q, im_k):
             return F.cross_entropy(supervised(im_q), labels)
 
-        contenders["supervised"] = (with_fast_options(step_supervised, args, device), optimizer(supervised))
+        contenders["supervised"] = (with_fast_options(step_supervised, args, precision),
+                                    optimizer(supervised, precision.fused_sgd or None), precision)
     return contenders
 
 
-def with_fast_options(step, args, device):
-    """Wrap a step in the fast options: autocast (bf16, or fp16 where bf16 is missing), NHWC inputs."""
-    dtype = None
-    if args.amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif args.amp:
-        dtype = torch.bfloat16
+def with_fast_options(step, args, precision):
+    """Wrap a step in the fast options as main_moco.py applies them: its autocast (`precision`, from
+    --amp: nothing on the CPU, where main_moco refuses --amp), NHWC inputs."""
 
     def fast_step(im_q, im_k):
         if args.channels_last:
             im_q = im_q.contiguous(memory_format=torch.channels_last)
             im_k = im_k.contiguous(memory_format=torch.channels_last)
-        if dtype is None:
-            return step(im_q, im_k)
-        with torch.autocast(device.type, dtype=dtype):
+        with precision.autocast():
             return step(im_q, im_k).float()
 
     return fast_step
 
 
-def _timed_step(forward, opt, im_q, im_k, device):
+def _steps(contender, batches, steps, device):
+    """`steps` consecutive steps between two synchronisations: (seconds per step, losses as tensors)."""
+    forward, opt, precision = contender
     _sync(device)
     start = time.perf_counter()
-    loss = forward(im_q, im_k)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    losses = []
+    for i in range(steps):
+        im_q, im_k = batches[i % len(batches)]
+        loss = forward(im_q, im_k)
+        precision.backward_and_step(loss, opt)
+        losses.append(loss.detach())
     _sync(device)
-    return time.perf_counter() - start, float(loss.detach())
+    return (time.perf_counter() - start) / steps, losses
 
 
 def run(args):
@@ -169,6 +188,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
+    main_moco_settings(args)
     reference = load_reference()
     models = _build(args, device, reference)
 
@@ -178,19 +198,17 @@ def run(args):
                for _ in range(2)]
 
     times = {name: [] for name in models}
-    losses = {name: [] for name in models}
-    total = args.warmup + args.steps
-    for i in range(total):
-        im_q, im_k = batches[i % len(batches)]
-        order = list(models) if i % 2 == 0 else list(models)[::-1]
-        # both models draw the same shuffle permutations: restore the generator between them
-        rng = torch.get_rng_state()
-        for name in order:
+    losses = {}
+    # both models draw the same shuffle permutations: each starts every round from the same generator
+    rng = torch.get_rng_state()
+    for name in models:  # warm-up (cuDNN autotuning, compilation), with the losses of the first steps
+        torch.set_rng_state(rng)
+        losses[name] = [float(v) for v in _steps(models[name], batches, max(1, args.warmup), device)[1]]
+    for r in range(args.rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
             torch.set_rng_state(rng)
-            seconds, loss = _timed_step(*models[name], im_q, im_k, device)
-            losses[name].append(loss)
-            if i >= args.warmup:
-                times[name].append(seconds)
+            seconds, _ = _steps(models[name], batches, args.steps, device)
+            times[name].append(seconds)
 
     result = {
         "benchmark": "train_step",
@@ -210,9 +228,13 @@ def run(args):
             "min_s": min(ts),
             "max_s": max(ts),
             "images_per_s": args.batch / med,
-            "step_times_s": ts,
+            "step_times_s": ts,  # per round: its time over its steps
+            "steps_per_round": args.steps,
         }
-    result["ratio_ours_over_reference"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+    if "reference" in result:
+        result["ratio_ours_over_reference"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+        # the fastest round of each: least disturbed by other work on a shared machine
+        result["ratio_ours_over_reference_by_min"] = result["reference"]["min_s"] / result["ours"]["min_s"]
     if "supervised" in result:
         # an asymmetric MoCo step ideally costs 4/3 of a supervised one (one more forward pass)
         ceiling = 0.75 * result["supervised"]["images_per_s"]
@@ -220,8 +242,9 @@ def run(args):
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     result["peak_memory_mib"] = round((peak if peak is not None else peak_rss_bytes()) / 2**20, 1)
     result["peak_memory_kind"] = "cuda max_memory_allocated" if peak is not None else "process peak RSS"
-    # the fastest step of each: least disturbed by other work on a shared machine
-    result["ratio_ours_over_reference_by_min"] = result["reference"]["min_s"] / result["ours"]["min_s"]
+    if "reference" not in result:
+        result["losses"] = losses
+        return result
     # Same start, same inputs, same permutations: the first step's losses must agree to float rounding,
     # a check that both did the same work. Later steps drift apart: training on noise images is chaotic,
     # a 1e-7 relative change of one weight grows to differences of 0.1 in ten steps.
@@ -245,13 +268,16 @@ def report(result):
     for name in [n for n in ("ours", "reference", "supervised") if n in result]:
         r = result[name]
         print(f"  {name:9s} {r['images_per_s']:9.1f} images/s   median {1000 * r['median_s']:8.1f} ms/step "
-              f"(min {1000 * r['min_s']:.1f}, max {1000 * r['max_s']:.1f}, {len(r['step_times_s'])} steps)")
-    print(f"  ratio ours/reference (throughput): {result['ratio_ours_over_reference']:.3f}")
-    print(f"  ratio by fastest step:             {result['ratio_ours_over_reference_by_min']:.3f}")
+              f"(rounds min {1000 * r['min_s']:.1f}, max {1000 * r['max_s']:.1f}; {len(r['step_times_s'])} rounds "
+              f"of {r['steps_per_round']} steps between two synchronisations)")
+    if "ratio_ours_over_reference" in result:
+        print(f"  ratio ours/reference (throughput): {result['ratio_ours_over_reference']:.3f}")
+        print(f"  ratio by fastest round:            {result['ratio_ours_over_reference_by_min']:.3f}")
     if "ratio_ours_over_ideal" in result:
         print(f"  ratio ours / (0.75 x supervised):  {result['ratio_ours_over_ideal']:.3f}")
     print(f"  peak memory ({result['peak_memory_kind']}): {result['peak_memory_mib']:.0f} MiB")
-    print(f"  first-step |loss difference| (same start): {result['first_step_loss_difference']:.2e}")
+    if "first_step_loss_difference" in result:
+        print(f"  first-step |loss difference| (same start): {result['first_step_loss_difference']:.2e}")
 
 
 def main(argv=None):
