@@ -1,14 +1,115 @@
 #!/usr/bin/env bash
-# The GPU checks in one call of the device tool (or on any CUDA machine): the CUDA tests, then the
-# end-to-end benchmark of scripts/bench_e2e.py. Results go under $OUT (default ./gpu_results).
-#   bash scripts/gpu_checks.sh                       # everything (about 10 minutes on an H100)
-#   SETS="default fast decode-compile" IMAGES=11264 bash scripts/gpu_checks.sh   # a shorter benchmark
+# The GPU checks in one command (one call of a lent GPU machine, at most 10 minutes; planned for 8 on
+# one H100/H200 with 16 cores):
+#   1. the machine's facts (GPU, usable cores, torch/torchvision/CUDA versions, /dev/shm);
+#   2. the nvJPEG race test (tests/test_device_crops.py, pytorch/vision issue 9606);
+#   3. the host-synchronisation tests (main_moco's loop under torch.cuda.set_sync_debug_mode("error")
+#      for the plain, --fast-aug and --device-decode paths, and each part of them);
+#   4. the other CUDA tests, file by file;
+#   5. a shortened scripts/bench_e2e.py: a few thousand generated JPEGs, ResNet-50 at 224 px, batch 256,
+#      K 65536, the reference configuration, --amp --channels-last --fast-aug, and --device-decode
+#      (the compiled sets: scripts/gpu_checks_compiled.sh).
+# Every step runs under its own `timeout`, cut to what is left of BUDGET seconds; all output goes to
+# $OUT/gpu_checks.log as it is written, step results to $OUT/steps.tsv, pytest reports to
+# $OUT/*.xml and the benchmark's JSON to $OUT/bench_e2e.json after each flag set, so that a call cut
+# short still brings back everything that ran. Installs nothing and needs no network.
+#   bash scripts/gpu_checks.sh                    # OUT=gpu_results BUDGET=470 IMAGES=4096
+# Without a CUDA GPU it prints the machine's facts, says so and exits with status 2.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
-mkdir -p "$OUT"
+BUDGET=${BUDGET:-470}
+IMAGES=${IMAGES:-4096}
 PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-nproc | tee -a "$OUT/device.txt"
-$PY -m pytest -m cuda -q -p no:cacheprovider -rs 2>&1 | tail -40 | tee "$OUT/pytest_cuda.txt"
-$PY scripts/bench_e2e.py --images "${IMAGES:-22528}" --sets ${SETS:-default amp fast fast-compile decode decode-compile} \
-    --json "$OUT/bench_e2e.json" 2>&1 | tail -25 | tee "$OUT/bench_e2e.txt"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+LOG="$OUT/gpu_checks.log"
+: > "$LOG"
+printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME SECONDS COMMAND...: COMMAND under `timeout`, limited to what is left of the budget.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        say "== $name: skipped, ${left} s left of the ${BUDGET} s budget"
+        printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    say "== $name (timeout ${limit} s, at ${SECONDS} s)"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    local status=$rc
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status="timeout"
+    say "== $name: exit $status after $((SECONDS - start)) s"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" >> "$OUT/steps.tsv"
+}
+
+say "== machine"
+{
+    date -u
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    else
+        echo "nvidia-smi: not found"
+    fi
+    df -h /dev/shm | tail -1 | awk '{print "/dev/shm: " $2 " (" $4 " free)"}'
+} 2>&1 | tee -a "$LOG"
+timeout 120 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import os, platform
+print(f"python {platform.python_version()}, cores usable {len(os.sched_getaffinity(0))} of {os.cpu_count()}")
+try:
+    import torch, torchvision
+except ImportError as err:
+    print(f"cannot import torch/torchvision: {err}")
+    raise SystemExit(0)
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
+      f"torchvision {torchvision.__version__}")
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
+              f"bf16 {torch.cuda.is_bf16_supported()}")
+try:
+    import pytest
+    print(f"pytest {pytest.__version__}")
+except ImportError:
+    print("pytest: not installed")
+EOF
+if ! timeout 120 "$PY" -c "import torch, torchvision" > /dev/null 2>&1; then
+    echo "gpu_checks: $PY cannot import torch and torchvision; set PYTHON to the interpreter that has them." | tee -a "$LOG"
+    exit 2
+fi
+if ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
+    say "gpu_checks: no CUDA GPU is visible to torch on this machine (torch.cuda.is_available() is False);"
+    say "these checks need one. Nothing was run; the facts above are in $LOG."
+    exit 2
+fi
+
+# pytest-timeout, where installed, limits each test too; `timeout` limits each invocation regardless
+PER_TEST=()
+"$PY" -c "import pytest_timeout" > /dev/null 2>&1 && PER_TEST=(--timeout=200)
+PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider "${PER_TEST[@]}")
+UNITS=(tests/test_batch_aug.py tests/test_builder.py tests/test_device_batches.py tests/test_device_crops.py)
+SYNC="host_wait or never_wait_for_the_gpu"
+RACE="overwritten_by_work_queued"
+
+step "decoder race" 120 "${PYTEST[@]}" -s -m cuda -k "$RACE" --junitxml "$OUT/race.xml" tests/test_device_crops.py
+step "host syncs" 300 "${PYTEST[@]}" -m cuda -k "$SYNC" --junitxml "$OUT/sync.xml" "${UNITS[@]}" tests/test_cuda.py
+for file in "${UNITS[@]}"; do
+    name=$(basename "$file" .py)
+    step "cuda $name" 90 "${PYTEST[@]}" -m cuda -k "not ($SYNC) and not $RACE" --junitxml "$OUT/$name.xml" "$file"
+done
+step "bench_e2e" 300 "$PY" scripts/bench_e2e.py --images "$IMAGES" --sets default fast decode \
+    --print-freq 4 --step-steps 10 --step-warmup 3 --set-timeout 150 --json "$OUT/bench_e2e.json"
+# last: the scripts end to end and --compile, the slowest tests
+step "cuda test_cuda" 240 "${PYTEST[@]}" -m cuda -k "not ($SYNC)" --junitxml "$OUT/test_cuda.xml" tests/test_cuda.py
+
+say "== summary (also in $OUT/steps.tsv; benchmark rows in $OUT/bench_e2e.json)"
+tee -a "$LOG" < "$OUT/steps.tsv"
+awk -F'\t' 'NR > 1 && $2 != "0" { failed = 1 } END { exit failed }' "$OUT/steps.tsv"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The compiled flag sets of scripts/bench_e2e.py (--compile with --fast-aug, and with --device-decode),
+# apart from scripts/gpu_checks.sh because compiling ResNet-50 takes minutes of the GPU's time. Same
+# conventions: the machine's facts first, the command under `timeout`, PYTHONUNBUFFERED=1, output and
+# JSON (after each set) under $OUT as they are written; exits 2 without a CUDA GPU.
+#   bash scripts/gpu_checks_compiled.sh           # OUT=gpu_results BUDGET=540 IMAGES=4096
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_results}
+BUDGET=${BUDGET:-540}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+LOG="$OUT/gpu_checks_compiled.log"
+{
+    date -u
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    timeout 120 "$PY" -c "import os, torch, torchvision; print(f'cores usable {len(os.sched_getaffinity(0))}, torch {torch.__version__} (CUDA {torch.version.cuda}), torchvision {torchvision.__version__}')"
+    df -h /dev/shm | tail -1 | awk '{print "/dev/shm: " $2}'
+} 2>&1 | tee "$LOG"
+if ! timeout 120 "$PY" -c "import torch, torchvision" > /dev/null 2>&1; then
+    echo "gpu_checks_compiled: $PY cannot import torch and torchvision; set PYTHON to the interpreter that has them." | tee -a "$LOG"
+    exit 2
+fi
+if ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
+    echo "gpu_checks_compiled: no CUDA GPU is visible to torch on this machine; these checks need one." | tee -a "$LOG"
+    exit 2
+fi
+timeout --kill-after=10 "$BUDGET" "$PY" scripts/bench_e2e.py --images "${IMAGES:-4096}" \
+    --sets fast-compile decode-compile --print-freq 4 --step-steps 10 --step-warmup 5 --set-timeout 240 \
+    --json "$OUT/bench_e2e_compiled.json" 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"
