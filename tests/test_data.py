@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from conftest import make_image_folder
-from moco.data import (ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split,
-                       sample_seed)
+from moco.data import (ResumableSampler, RobustImageFolder, ShardSampler, fallback_sample, make_loader,
+                       require_split, sample_seed)
 from moco.errors import UserError
 
 
@@ -38,13 +38,15 @@ class RandomDraws:
                             dtype=torch.float64)
 
 
-def test_corrupt_image_is_replaced_by_the_next_sample_and_reported_once(small_folder, capsys):
+def test_corrupt_image_is_replaced_by_its_fallback_sample_and_reported_once(small_folder, capsys):
     bad = _corrupt(small_folder, os.path.join("class0", "img002.png"))
     dataset = RobustImageFolder(os.path.join(small_folder, "train"), transforms.PILToTensor())
     assert dataset.samples[2][0] == bad
     assert dataset.bad_images == 0
     image, target = dataset[2]
-    expected, expected_target = dataset[3]
+    stand_in = fallback_sample(2, 1, len(dataset))
+    assert stand_in != 2  # this folder's draw; a repeat would be drawn again
+    expected, expected_target = dataset[stand_in]
     assert torch.equal(image, expected) and target == expected_target
     dataset[2]
     dataset[2]
@@ -56,15 +58,10 @@ def test_corrupt_image_is_replaced_by_the_next_sample_and_reported_once(small_fo
     assert dataset.bad_images == 1
 
 
-def test_corrupt_last_image_wraps_around(small_folder, capsys):
-    bad = _corrupt(small_folder, os.path.join("class1", "img004.png"))
-    dataset = RobustImageFolder(os.path.join(small_folder, "train"), transforms.PILToTensor())
-    assert dataset.samples[-1][0] == bad
-    image, target = dataset[len(dataset) - 1]
-    first, first_target = dataset[0]
-    assert torch.equal(image, first) and target == first_target == 0
-    assert dataset.bad_images == 1
-    assert len(_lines_naming(capsys.readouterr().err, bad)) == 1
+def test_fallback_samples_are_fixed_and_spread_over_the_folder():
+    draws = [fallback_sample(7, attempt, 1000) for attempt in range(1, 201)]
+    assert draws == [fallback_sample(7, attempt, 1000) for attempt in range(1, 201)]
+    assert len(set(draws)) > 150 and max(draws) - min(draws) > 800  # not a walk through the neighbours
 
 
 def test_corrupt_image_counted_once_across_workers_and_epochs(small_folder, capfd):
