@@ -5,6 +5,7 @@ import datetime
 import inspect
 import os
 import re
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -361,12 +362,29 @@ def process_group(plan, local_index, args):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         say_what_we_wait_for(plan, rank, timeout)
-        dist.init_process_group(backend, init_method=plan.init_method, rank=rank,
-                                world_size=plan.world_size, timeout=timeout)
+        with ctrl_c_ends_the_process():
+            dist.init_process_group(backend, init_method=plan.init_method, rank=rank,
+                                    world_size=plan.world_size, timeout=timeout)
     try:
         yield ProcessContext(rank, local_rank, plan.world_size, plan.procs_per_node, device, backend)
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ctrl_c_ends_the_process():
+    """Ctrl-C (SIGINT) ends the process at once inside the block. The rendezvous waits in C++ and never
+    returns to Python before its timeout, so Python's own handler (KeyboardInterrupt) would run only
+    then: an hour later. SIGTERM's default action already ends it."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:  # not the main thread: nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def say_what_we_wait_for(plan, rank, timeout):
@@ -376,7 +394,8 @@ def say_what_we_wait_for(plan, rank, timeout):
     if where == "env://":
         where = f"env:// (MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')})"
     print(f"=> {plan.mode}: process {rank} of {plan.world_size} waits for all {plan.world_size} processes to "
-          f"join at {where} (gives up after {int(timeout.total_seconds() // 60)} min)", flush=True)
+          f"join at {where} (gives up after {int(timeout.total_seconds() // 60)} min; Ctrl-C stops it)",
+          flush=True)
 
 
 def wrap_ddp(model, device, sync_buffers_each_step=True):

@@ -1,6 +1,7 @@
 """Image folders that survive bad files, per-sample seeding, and the resumable / sharded samplers."""
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -84,6 +85,32 @@ def test_unrecoverable_folder_of_bad_images_raises(tmp_path):
     dataset = RobustImageFolder(os.path.join(root, "train"))
     with pytest.raises(RuntimeError, match="unreadable"):
         dataset[0]
+
+
+def _folder_with_unreadable(tmp_path, good, bad):
+    """One class of `good` readable images followed by `bad` unreadable ones, in the folder's order."""
+    root = make_image_folder(tmp_path / "images", classes=1, train_per_class=good + bad, val_per_class=1,
+                             size=(4, 4))
+    for i in range(good, good + bad):
+        _corrupt(root, os.path.join("class0", f"img{i:03d}.png"))
+    return RobustImageFolder(os.path.join(root, "train"), transforms.PILToTensor())
+
+
+def test_a_run_of_unreadable_images_in_a_mostly_readable_folder_is_read_around(tmp_path, capsys):
+    dataset = _folder_with_unreadable(tmp_path, good=70, bad=60)  # 46 % unreadable, 60 in a row
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        assert image.shape == (3, 4, 4)
+    assert dataset.bad_images == 60
+
+
+def test_a_mostly_unreadable_folder_stops_saying_the_share(tmp_path, capsys):
+    dataset = _folder_with_unreadable(tmp_path, good=20, bad=80)
+    with pytest.raises(UserError, match=r"are unreadable \(\d+ %.*are all its images unreadable") as info:
+        for index in range(len(dataset)):
+            dataset[index]
+    bad, seen = map(int, re.match(r"(\d+) of the (\d+) images read", str(info.value)).groups())
+    assert bad >= 50 and bad > seen / 2
 
 
 def test_per_sample_seeding_is_independent_of_call_order(small_folder):

@@ -51,7 +51,8 @@ def slurm_env(monkeypatch, ntasks, nnodes, procid=0, localid=0, **extra):
     """What srun sets for one of its tasks (the parts the launcher reads, and a few it does not)."""
     set_env(monkeypatch, SLURM_NTASKS=ntasks, SLURM_NNODES=nnodes, SLURM_PROCID=procid, SLURM_LOCALID=localid,
             SLURM_NODEID=procid * nnodes // ntasks, SLURM_JOB_ID=4242, SLURM_NODELIST="node[01-02]",
-            SLURM_STEP_NODELIST="node[01-02]", SLURM_TASKS_PER_NODE=f"{ntasks // nnodes}(x{nnodes})", **extra)
+            SLURM_STEP_NODELIST="node[01-02]", SLURM_STEP_ID=0,
+            SLURM_TASKS_PER_NODE=f"{ntasks // nnodes}(x{nnodes})", **extra)
 
 
 def refused(args, gpus, *expected):
@@ -207,7 +208,7 @@ def test_srun_task_beyond_the_gpus_is_refused(image_folder, tmp_path):
     cwd, out = tmp_path / "cwd", tmp_path / "out"
     cwd.mkdir()
     env = cuda_env(SLURM_NTASKS=gpus + 1, SLURM_NNODES=1, SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_JOB_ID=7,
-                   SLURM_NODELIST="localhost", SLURM_STEP_NODELIST="localhost")
+                   SLURM_STEP_ID=0, SLURM_NODELIST="localhost", SLURM_STEP_NODELIST="localhost")
     result = run_script("main_moco.py", MOCO_TINY + ["--output-dir", out, image_folder], env, cwd)
     assert_refused(result, "main_moco.py", cwd, out, f"slurm starts {gpus + 1} processes",
                    f"--ntasks-per-node {gpus}")
