@@ -417,6 +417,7 @@ def wrap_ddp(model, device, sync_buffers_each_step=True):
 
 
 def _spawned_entry(local_index, fn, plan, args):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent ignores it, and passed that on
     try:
         fn(local_index, plan, args)
     except UserError as err:
@@ -433,7 +434,12 @@ def run_processes(fn, plan, args):
     if not plan.spawns:
         return fn(0, plan, args)
     import torch.multiprocessing as mp
+    # Ctrl-C reaches the children too: they save and stop (exit 130), or stop at a second Ctrl-C. This
+    # process only waits for them; a KeyboardInterrupt here would kill them in the middle of that save.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         mp.spawn(_spawned_entry, nprocs=plan.procs_per_node, args=(fn, plan, args))
     except mp.ProcessExitedException as err:  # the child already printed its one line
         sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+    finally:
+        signal.signal(signal.SIGINT, previous)

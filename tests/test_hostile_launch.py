@@ -137,13 +137,13 @@ def test_slurm_variables_without_srun_are_refused(small_images, tmp_path):
 
 
 def test_rendezvous_says_what_it_waits_for_and_signals_end_it(small_images, tmp_path):
-    """Two tasks of a three-task srun step whose third never starts: each says at once how many
+    """Two tasks of a four-task srun step whose other two never start: each says at once how many
     processes it waits for and where; Ctrl-C ends the first and SIGTERM the second while they wait."""
     port = free_port()
     runs = [Run(TINY + ["-j", "0", "--epochs", "1", "--output-dir", tmp_path / "out", small_images], tmp_path,
-                slurm_task_env(3, rank, port, SLURM_STEP_ID=0), name=f"rank{rank}") for rank in (0, 1)]
+                slurm_task_env(4, rank, port, SLURM_STEP_ID=0), name=f"rank{rank}") for rank in (0, 1)]
     for rank, run in enumerate(runs):
-        run.wait_for(f"=> slurm: process {rank} of 3 waits for all 3 processes to join at "
+        run.wait_for(f"=> slurm: process {rank} of 4 waits for all 4 processes to join at "
                      f"tcp://localhost:{port}", timeout=120)
     time.sleep(1.0)  # into the rendezvous itself
     runs[0].signal_group(signal.SIGINT)
