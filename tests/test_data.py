@@ -2,13 +2,15 @@
 import os
 import random
 import re
+import signal
+import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from conftest import make_image_folder
+from conftest import descendants, make_image_folder
 from moco.data import (ResumableSampler, RobustImageFolder, ShardSampler, fallback_sample, make_loader,
                        require_split, sample_seed)
 from moco.errors import UserError
@@ -111,6 +113,22 @@ def test_a_mostly_unreadable_folder_stops_saying_the_share(tmp_path, capsys):
             dataset[index]
     bad, seen = map(int, re.match(r"(\d+) of the (\d+) images read", str(info.value)).groups())
     assert bad >= 50 and bad > seen / 2
+
+
+def test_loader_workers_leave_ctrl_c_to_the_trainer(small_folder):
+    """A terminal's Ctrl-C reaches the loader workers too; they must keep serving (the trainer decides
+    whether to save and stop), not exit and fail the trainer's next batch."""
+    dataset = RobustImageFolder(os.path.join(small_folder, "train"), transforms.PILToTensor(), data_seed=1)
+    sampler = ResumableSampler(dataset, 1, 0, seed=1, batch_size=2)
+    loader = make_loader(dataset, sampler, 2, 2, torch.device("cpu"), drop_last=True)
+    first = [images for images, _ in loader]  # the persistent workers are up
+    workers = descendants(os.getpid())
+    assert len(workers) >= 2
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    again = [images for images, _ in loader]  # the same workers, the same epoch
+    assert len(again) == len(first) and all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_per_sample_seeding_is_independent_of_call_order(small_folder):
