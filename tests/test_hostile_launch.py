@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import cpu_env, kill_tree, make_image_folder
+from conftest import cpu_env, descendants, kill_tree, make_image_folder
 from moco.distributed import free_port, plan_launch, visible_gpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,20 +234,33 @@ def test_second_ctrl_c_stops_without_saving(longer_images, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # 10. Nothing after the one-line error while loader workers are busy
 # --------------------------------------------------------------------------------------------------
+def children_when_written(run, text, timeout):
+    """The processes below the run at the moment `text` appears in its stderr (polled every few ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        if text in run.err:
+            return descendants(run.proc.pid)
+        time.sleep(0.003)
+    return []
+
+
 def test_nothing_follows_the_error_line_with_busy_workers(tmp_path):
-    """A worker finds the folder unreadable (9 images in 10) and raises while the other worker is busy;
-    the one-line error must be the last line, with no 'Exception ignored in atexit callback ...
-    DataLoader worker ... killed by signal' block after it. Before the fix that block followed in about
-    half of the runs, so three runs."""
+    """A worker finds the folder unreadable (9 images in 10) and raises while the other worker is busy.
+    The workers must be shut down before the one-line error is written, and nothing may follow it: no
+    'Exception ignored in atexit callback ... DataLoader worker ... killed by signal' block (before
+    the fix, the workers were still alive at the line and were killed at the interpreter's exit), and no
+    warning of a worker that was still reading."""
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=40, val_per_class=1, size=(8, 8))
     for c in range(2):
         for i in range(40):
             if i % 10:
                 (tmp_path / "data" / "train" / f"class{c}" / f"img{i:03d}.png").write_bytes(b"not an image")
-    for attempt in range(3):
+    for attempt in range(2):
         run = Run(TINY + ["-j", "2", "--epochs", "1", "--output-dir", tmp_path / f"out{attempt}", data], tmp_path,
                   name=f"run{attempt}")
-        assert_one_line_error(run, run.wait(timeout=180), "are unreadable", "%")
+        alive = children_when_written(run, ERROR, timeout=180)
+        assert alive == [], f"loader workers {alive} still running when the error line was written"
+        assert_one_line_error(run, run.wait(timeout=60), "are unreadable", "%")
 
 
 # --------------------------------------------------------------------------------------------------
