@@ -68,6 +68,27 @@ def refused(args, gpus, *expected):
 # --------------------------------------------------------------------------------------------------
 # the checks, with the number of visible GPUs given (any machine)
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": 3, "WORLD_SIZE": 2, "MASTER_ADDR": "h", "MASTER_PORT": 1}, ["RANK=3 and WORLD_SIZE=2 do not fit"]),
+    ({"RANK": 0, "WORLD_SIZE": 0, "MASTER_ADDR": "h", "MASTER_PORT": 1}, ["WORLD_SIZE must be at least 1"]),
+    ({"RANK": "", "WORLD_SIZE": 2, "MASTER_ADDR": "h", "MASTER_PORT": 1}, ["must both hold a number"]),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "h", "MASTER_PORT": "x"}, ["MASTER_PORT='x' is not an integer"]),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "h"}, ["MASTER_PORT is not"]),
+    ({"SLURM_NTASKS": 4, "SLURM_PROCID": 0}, ["SLURM_NTASKS=4", "not started by srun", "other 3 task(s)"]),
+    ({"SLURM_NTASKS": 2, "SLURM_PROCID": 0, "SLURM_STEP_ID": 4294967294}, ["not started by srun"]),
+    ({"SLURM_NTASKS": "two", "SLURM_PROCID": 0}, ["SLURM_NTASKS='two' is not an integer"]),
+])
+def test_launch_environment_that_cannot_work_is_refused(no_launcher, env, expected):
+    set_env(no_launcher, **env)
+    refused(parse(["DIR"]), 0, *expected)
+
+
+def test_srun_step_is_accepted_without_gpus(no_launcher):
+    slurm_env(no_launcher, ntasks=4, nnodes=2, procid=3, localid=1)
+    plan = plan_launch(parse(["DIR"]), gpus=0)
+    assert (plan.mode, plan.world_size, plan.rank) == ("slurm", 4, 3)
+
+
 def test_torchrun_more_processes_than_gpus(no_launcher):
     torchrun_env(no_launcher, world=8, local_world=8, rank=3, local_rank=3)
     message = refused(parse(["DIR"]), 1, "8 processes", "1 GPU is visible", "--nproc_per_node 1",
