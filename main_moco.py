@@ -302,9 +302,9 @@ def train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log,
         if stop_now:
             state.epoch, state.step_in_epoch = epoch, i + 1
             path = save(args, model, optimizer, precision, state, ctx)
-            log.info(f"=> SIGTERM: saved {path} after step {i + 1} of epoch {epoch}; run the same command "
-                     f"again to resume there")
-            raise Preempted(path)
+            log.info(f"=> {guard.preemption.name or 'SIGTERM'}: saved {path} after step {i + 1} of epoch "
+                     f"{epoch}; run the same command again to resume there")
+            raise Preempted(path, guard.preemption.exit_code)
     seconds = time.time() - epoch_start
     done = steps - start_step
     images_per_step = batches.loader.batch_size * ctx.world_size

@@ -2,6 +2,7 @@
 import os
 import random
 import signal
+import stat
 import sys
 
 import torch
@@ -14,7 +15,11 @@ from moco.errors import UserError
 
 # what PIL and the loader raise for unreadable, truncated, corrupt or too large (decompression bomb) images
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError, Image.DecompressionBombError)
-MAX_CONSECUTIVE_BAD = 50
+# the run stops when more than MAX_BAD_SHARE of the distinct images read so far are unreadable, judged
+# once at least MIN_BAD_TO_JUDGE of them (or the whole folder, if smaller) have been found unreadable
+MAX_BAD_SHARE = 0.5
+MIN_BAD_TO_JUDGE = 50
+READ_OK, READ_FAILED = 1, 2
 
 
 def require_split(root, split):
@@ -36,7 +41,30 @@ def sample_seed(data_seed, epoch, index):
 
 
 class UnreadableImages(UserError, RuntimeError):
-    """Too many unreadable images in a row: the folder, not one file, is the problem."""
+    """Most images read so far are unreadable: the folder, not one file, is the problem."""
+
+
+class NotARegularFile(OSError):
+    """An image path that is a FIFO, socket or device: opening it could block forever (a FIFO waits for
+    a writer, in an uninterruptible open), so it is skipped like an unreadable image without opening."""
+
+
+def require_regular_file(path):
+    """Raise NotARegularFile unless `path` (links followed) is a regular file; os.stat never blocks."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "not a regular file")
+        raise NotARegularFile(f"{kind}, not an image file; not opened")
+
+
+def fallback_sample(index, attempt, num_samples):
+    """The sample that stands in for unreadable sample `index` at `attempt` (1, 2, ...): drawn
+    pseudo-randomly from the whole folder, fixed for (index, attempt) so that runs and resumptions
+    see the same data. Not the next index: images of one class lie together, and a broken class folder
+    would otherwise be walked file by file and read as a broken data set."""
+    return random.Random(index * 1_000_003 + attempt).randrange(num_samples)
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -59,6 +87,9 @@ class RobustImageFolder(datasets.ImageFolder):
         # one flag per sample in shared memory, so that all loader workers (and, merged after each
         # epoch by the training script, all processes) report and count each bad image once
         self.bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        # what this process (any of its workers) met reading each sample; never merged across
+        # processes, so that the share of unreadable images is judged over the reads of one process
+        self.outcomes = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     @property
     def bad_images(self):
@@ -67,21 +98,37 @@ class RobustImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            sample = (index + attempt) % len(self.samples)
+        sample = index
+        for attempt in range(1, 1 + 10 * len(self.samples)):
             path, target = self.samples[sample]
             try:
+                require_regular_file(path)
                 image = self.loader(path)
                 if self.decodes_in_transform:
-                    return self._transform(image, epoch, index), target
+                    decoded = self._transform(image, epoch, index), target
+                    self.outcomes[sample] = READ_OK
+                    return decoded
             except IMAGE_ERRORS as err:
+                last_error = err
                 self._report_bad(sample, path, err)
-                last_error = type(err).__name__
+                self.outcomes[sample] = READ_FAILED
+                self._judge_folder(path, err)
+                sample = fallback_sample(index, attempt, len(self.samples))
                 continue
+            self.outcomes[sample] = READ_OK
             return self._transform(image, epoch, index), target
-        raise UnreadableImages(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in "
-                               f"'{self.root}' (the last: '{path}', {last_error}); are all its images "
-                               f"unreadable?")
+        self._judge_folder(path, last_error, give_up=True)
+
+    def _judge_folder(self, path, err, give_up=False):
+        """Raise UnreadableImages when the folder, not a few files, is broken: more than MAX_BAD_SHARE of
+        the distinct images this process has read so far (in any of its workers) are unreadable."""
+        bad, good = int((self.outcomes == READ_FAILED).sum()), int((self.outcomes == READ_OK).sum())
+        enough = bad >= min(MIN_BAD_TO_JUDGE, len(self.samples))
+        if give_up or (enough and bad > MAX_BAD_SHARE * (bad + good)):
+            raise UnreadableImages(
+                f"{bad} of the {bad + good} images read so far in '{self.root}' are unreadable "
+                f"({100 * bad / max(1, bad + good):.0f} %; the last: '{path}', {type(err).__name__}); are all "
+                f"its images unreadable?")
 
     def report_unreadable(self, path, err):
         """Report an image found unreadable outside the loader (e.g. by the device's JPEG decoder)."""
@@ -122,6 +169,9 @@ def pass_sigterm_to_trainer(worker_id):
     keeps serving batches until then. A worker whose trainer is not catching SIGTERM (it is shutting
     down, or never catches it) ends as SIGTERM would end it."""
     trainer = os.getppid()
+    # Ctrl-C reaches every process of the terminal's foreground group, workers included: the trainer
+    # alone decides (saves and stops, or stops at a second Ctrl-C) and then shuts its workers down
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def forward(signum, frame):
         if os.getppid() == trainer and _catches_sigterm(trainer):

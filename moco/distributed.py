@@ -5,6 +5,7 @@ import datetime
 import inspect
 import os
 import re
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moco.errors import PREEMPTED_EXIT, Preempted, UserError
+from moco.errors import INTERRUPTED_EXIT, Preempted, UserError
 
 
 def is_distributed():
@@ -134,12 +135,26 @@ def first_slurm_host(nodelist):
 
 
 def _env_int(name, default=None):
+    """The integer in environment variable `name` (`default` when unset or empty); a UserError naming
+    the variable when it holds something else."""
     value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer; unset it or give a "
+                        f"whole number") from None
 
 
 def visible_gpus():
-    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES applied); 0 without CUDA.
+
+    CUDA_VISIBLE_DEVICES='' counts as no GPU even when it was set after CUDA was initialised in this
+    process (torch reads it once, at initialisation): the test suite sets it per test to keep runs of
+    the scripts inside its own process on the CPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -156,10 +171,14 @@ def plan_launch(args, gpus=None):
 def _plan(args, gpus):
     explicit_url = args.dist_url not in ("", "auto")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, or any env:// launcher
-        world = _env_int("WORLD_SIZE")
-        return LaunchPlan("torchrun", world, _env_int("LOCAL_WORLD_SIZE", world), _env_int("RANK"),
+        world, rank = _env_int("WORLD_SIZE"), _env_int("RANK")
+        _check_env_rank(world, rank)
+        if not explicit_url:
+            _require_master_env()
+        return LaunchPlan("torchrun", world, _env_int("LOCAL_WORLD_SIZE", world), rank,
                           _env_int("LOCAL_RANK", 0), args.dist_url if explicit_url else "env://")
     if _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
+        _require_srun()
         world = _env_int("SLURM_NTASKS")
         nodes = _env_int("SLURM_NNODES", 1)
         if explicit_url:
@@ -186,6 +205,43 @@ def _plan(args, gpus):
         url = args.dist_url if explicit_url else f"tcp://127.0.0.1:{free_port()}"
         return LaunchPlan("spawn", gpus, gpus, 0, 0, url)
     return LaunchPlan("single", 1, 1, 0, 0, "single")
+
+
+def _check_env_rank(world, rank):
+    if world is None or rank is None:
+        raise UserError("RANK and WORLD_SIZE must both hold a number (as torchrun sets them); unset both "
+                        "for a single-process run")
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} do not fit: WORLD_SIZE must be at least 1 and "
+                        f"RANK between 0 and WORLD_SIZE - 1; unset both for a single-process run")
+
+
+def _require_master_env():
+    """env:// finds its peers through MASTER_ADDR:MASTER_PORT; without them init_process_group raises a
+    ValueError deep inside torch. torchrun sets both; a hand-made environment may not."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UserError(f"RANK and WORLD_SIZE are set (a launch through env://) but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not: set MASTER_ADDR and MASTER_PORT to "
+                        f"the address of rank 0, start the run with torchrun, or unset RANK and WORLD_SIZE")
+    _env_int("MASTER_PORT")
+
+
+# SLURM's id of the batch step (the job script itself), which srun's steps never have
+_SLURM_BATCH_STEP = {"4294967294", "batch"}
+
+
+def _require_srun():
+    """SLURM_NTASKS > 1 in a process that srun did not start (a job script calling python directly, or
+    a shell of salloc) means that no other task will ever come: the run would wait for them until the
+    rendezvous times out. srun sets SLURM_STEP_ID (and the older SLURM_STEPID) for each task it starts."""
+    step = os.environ.get("SLURM_STEP_ID") or os.environ.get("SLURM_STEPID")
+    if step and step not in _SLURM_BATCH_STEP:
+        return
+    ntasks = os.environ.get("SLURM_NTASKS")
+    raise UserError(f"SLURM_NTASKS={ntasks} but this process was not started by srun (no SLURM_STEP_ID), so "
+                    f"the other {int(ntasks) - 1} task(s) will never join: start the script with "
+                    f"`srun python ...` in the job script, or unset SLURM_NTASKS for a single-process run")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +341,7 @@ class ProcessContext:
 
 
 def _device_for(plan, local_rank, args):
-    if not torch.cuda.is_available():
+    if not visible_gpus():
         return torch.device("cpu")
     if plan.mode == "single":
         return torch.device("cuda", args.gpu if args.gpu is not None else 0)
@@ -305,12 +361,41 @@ def process_group(plan, local_index, args):
     if plan.mode == "single":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        dist.init_process_group(backend, init_method=plan.init_method, rank=rank,
-                                world_size=plan.world_size, timeout=timeout)
+        say_what_we_wait_for(plan, rank, timeout)
+        with ctrl_c_ends_the_process():
+            dist.init_process_group(backend, init_method=plan.init_method, rank=rank,
+                                    world_size=plan.world_size, timeout=timeout)
     try:
         yield ProcessContext(rank, local_rank, plan.world_size, plan.procs_per_node, device, backend)
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ctrl_c_ends_the_process():
+    """Ctrl-C (SIGINT) ends the process at once inside the block. The rendezvous waits in C++ and never
+    returns to Python before its timeout, so Python's own handler (KeyboardInterrupt) would run only
+    then: an hour later. SIGTERM's default action already ends it."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:  # not the main thread: nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def say_what_we_wait_for(plan, rank, timeout):
+    """One line from every process before the rendezvous, which blocks silently until all processes have
+    joined: how many, where, and for how long (a missing process is otherwise an hour of silence)."""
+    where = plan.init_method
+    if where == "env://":
+        where = f"env:// (MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')})"
+    print(f"=> {plan.mode}: process {rank} of {plan.world_size} waits for all {plan.world_size} processes to "
+          f"join at {where} (gives up after {int(timeout.total_seconds() // 60)} min; Ctrl-C stops it)",
+          flush=True)
 
 
 def wrap_ddp(model, device, sync_buffers_each_step=True):
@@ -332,13 +417,16 @@ def wrap_ddp(model, device, sync_buffers_each_step=True):
 
 
 def _spawned_entry(local_index, fn, plan, args):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent ignores it, and passed that on
     try:
         fn(local_index, plan, args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except Preempted:
-        sys.exit(PREEMPTED_EXIT)
+    except Preempted as err:
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED_EXIT)
 
 
 def run_processes(fn, plan, args):
@@ -346,7 +434,12 @@ def run_processes(fn, plan, args):
     if not plan.spawns:
         return fn(0, plan, args)
     import torch.multiprocessing as mp
+    # Ctrl-C reaches the children too: they save and stop (exit 130), or stop at a second Ctrl-C. This
+    # process only waits for them; a KeyboardInterrupt here would kill them in the middle of that save.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         mp.spawn(_spawned_entry, nprocs=plan.procs_per_node, args=(fn, plan, args))
     except mp.ProcessExitedException as err:  # the child already printed its one line
         sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,4 +1,5 @@
 """One clear line for bad input: the scripts raise `UserError`, `run_cli` prints it and exits."""
+import gc
 import sys
 
 
@@ -11,11 +12,17 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-    """Raised once a preemption (SIGTERM) checkpoint is saved; the process exits with status 143,
-    the shell's code for SIGTERM, so job scripts do not mistake the stop for a finished run."""
+    """Raised once a preemption (SIGTERM) or Ctrl-C (SIGINT) checkpoint is saved; the process exits with
+    `exit_code`: 143 or 130, the shell's codes for those signals, so job scripts do not mistake the stop
+    for a finished run."""
+
+    def __init__(self, path=None, exit_code=None):
+        super().__init__(path)
+        self.exit_code = PREEMPTED_EXIT if exit_code is None else exit_code
 
 
 PREEMPTED_EXIT = 143
+INTERRUPTED_EXIT = 130
 
 
 def one_line(err):
@@ -30,11 +37,26 @@ def one_line(err):
 
 
 def run_cli(main, args, prog):
-    """Call `main(args)`; turn a `UserError` into `prog: error: message` on stderr and exit 2."""
+    """Call `main(args)`; turn a `UserError` into `prog: error: message` on stderr and exit 2, a
+    preemption into its exit code, and a Ctrl-C that was not turned into a checkpoint (one before
+    training starts, or a second one) into one line and exit 130."""
     try:
         return main(args)
     except UserError as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except Preempted:
-        sys.exit(PREEMPTED_EXIT)
+        message, code = f"{prog}: error: {one_line(err)}", 2
+    except Preempted as err:
+        message, code = None, err.exit_code
+    except KeyboardInterrupt:
+        message, code = f"{prog}: interrupted (Ctrl-C); stopped without saving", INTERRUPTED_EXIT
+    release_training_state()
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def release_training_state():
+    """Free what the failed run still holds through its exception's traceback, now, while the
+    interpreter is whole: a DataLoader iterator that is freed stops its workers cleanly (they finish
+    their batch and exit). Left to the interpreter's exit, multiprocessing kills them first, and torch's
+    SIGCHLD handler reports 'DataLoader worker ... killed by signal' after the one-line error."""
+    gc.collect()

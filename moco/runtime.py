@@ -3,11 +3,12 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import warnings
 
 import torch
 
-from moco.errors import UserError
+from moco.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT, UserError
 
 
 def per_process_batch(batch_size, procs_per_node):
@@ -108,23 +109,46 @@ class Precision:
 
 
 class PreemptionSignal:
-    """Remembers a SIGTERM (cluster preemption) so the loop can save at the next step and stop."""
+    """Remembers a SIGTERM (cluster preemption) or a first Ctrl-C (SIGINT), so that the loop saves at the
+    next step and stops, exiting with `exit_code` (143 or 130). A second Ctrl-C stops at once
+    (KeyboardInterrupt, without saving): the way out when the save itself is not wanted."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
+
+    @property
+    def name(self):
+        """'SIGTERM' or 'SIGINT' (the first signal received), None before any."""
+        return signal.Signals(self.signum).name if self.signum else None
+
+    @property
+    def exit_code(self):
+        return INTERRUPTED_EXIT if self.signum == signal.SIGINT else PREEMPTED_EXIT
 
     def _handle(self, signum, frame):
-        self.received = True
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt  # Ctrl-C after the stop was asked for: stop now
+        if not self.received:
+            self.signum = signum
+            self.received = True
+            if signum == signal.SIGINT:
+                print("=> Ctrl-C: saving after this step, then stopping (Ctrl-C again stops without saving)",
+                      file=sys.stderr, flush=True)
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: signals cannot be caught here
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False

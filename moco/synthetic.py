@@ -425,6 +425,16 @@ def default_cache_dir():
                                                              "moco-synthetic")
 
 
+def _where_the_cache_is_set():
+    return "from MOCO_DATA_CACHE" if os.environ.get("MOCO_DATA_CACHE") else "the default; MOCO_DATA_CACHE is unset"
+
+
+def _reason(err):
+    """An OSError's reason and the file it concerns, in a few words."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{reason} ('{err.filename}')" if err.filename else reason
+
+
 def ensure_dataset(cache_dir=None, seed=0, num_classes=DEFAULT_NUM_CLASSES,
                    train_per_class=DEFAULT_TRAIN_PER_CLASS, val_per_class=DEFAULT_VAL_PER_CLASS,
                    image_size=DEFAULT_IMAGE_SIZE, **options):
@@ -483,6 +493,17 @@ TINY = {"num_classes": 3, "train_per_class": 16, "val_per_class": 4, "image_size
 def default_dataset(seed=0, log=print, **sizes):
     """The built-in data set's path, generated on first use in the cache folder; says where."""
     sizes = {**DEFAULT_SIZES, **sizes}
-    path = ensure_dataset(seed=seed, **sizes)
+    from moco.errors import UserError
+    cache = default_cache_dir()
+    if os.path.exists(cache) and not os.path.isdir(cache):
+        raise UserError(f"the cache folder of the built-in data set '{cache}' ({_where_the_cache_is_set()}) is "
+                        f"a file, not a folder; set MOCO_DATA_CACHE to a writable folder, or pass a data "
+                        f"folder DIR")
+    try:
+        path = ensure_dataset(seed=seed, **sizes)
+    except OSError as err:  # the cache folder is under a file, read-only, full, ...
+        raise UserError(f"cannot write the built-in data set to the cache folder '{default_cache_dir()}' "
+                        f"({_where_the_cache_is_set()}): {_reason(err)}; set MOCO_DATA_CACHE to a writable "
+                        f"folder with a few MB free, or pass a data folder DIR") from None
     log(f"=> built-in data set: {path} ({describe(seed=seed, **sizes)})")
     return path

@@ -77,6 +77,16 @@ def _private_data_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MOCO_DATA_CACHE", str(tmp_path_factory.getbasetemp() / f"data-cache-{next(_CACHES)}"))
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """Tests not marked `cuda` run on the CPU on any machine: CUDA_VISIBLE_DEVICES='' for this test, which
+    the children it starts inherit and which moco.distributed.visible_gpus() honours in this process too
+    (torch reads the variable only once). Without it, a main_moco / main_lincls run inside pytest on a
+    machine with 2+ GPUs would start one process per GPU, and on one GPU would train there."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` run where torch sees a CUDA GPU and are skipped, with the reason, elsewhere."""
     if torch.cuda.is_available():

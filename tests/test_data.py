@@ -1,15 +1,18 @@
 """Image folders that survive bad files, per-sample seeding, and the resumable / sharded samplers."""
 import os
 import random
+import re
+import signal
+import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from conftest import make_image_folder
-from moco.data import (ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split,
-                       sample_seed)
+from conftest import descendants, make_image_folder
+from moco.data import (ResumableSampler, RobustImageFolder, ShardSampler, fallback_sample, make_loader,
+                       require_split, sample_seed)
 from moco.errors import UserError
 
 
@@ -38,13 +41,15 @@ class RandomDraws:
                             dtype=torch.float64)
 
 
-def test_corrupt_image_is_replaced_by_the_next_sample_and_reported_once(small_folder, capsys):
+def test_corrupt_image_is_replaced_by_its_fallback_sample_and_reported_once(small_folder, capsys):
     bad = _corrupt(small_folder, os.path.join("class0", "img002.png"))
     dataset = RobustImageFolder(os.path.join(small_folder, "train"), transforms.PILToTensor())
     assert dataset.samples[2][0] == bad
     assert dataset.bad_images == 0
     image, target = dataset[2]
-    expected, expected_target = dataset[3]
+    stand_in = fallback_sample(2, 1, len(dataset))
+    assert stand_in != 2  # this folder's draw; a repeat would be drawn again
+    expected, expected_target = dataset[stand_in]
     assert torch.equal(image, expected) and target == expected_target
     dataset[2]
     dataset[2]
@@ -56,15 +61,10 @@ def test_corrupt_image_is_replaced_by_the_next_sample_and_reported_once(small_fo
     assert dataset.bad_images == 1
 
 
-def test_corrupt_last_image_wraps_around(small_folder, capsys):
-    bad = _corrupt(small_folder, os.path.join("class1", "img004.png"))
-    dataset = RobustImageFolder(os.path.join(small_folder, "train"), transforms.PILToTensor())
-    assert dataset.samples[-1][0] == bad
-    image, target = dataset[len(dataset) - 1]
-    first, first_target = dataset[0]
-    assert torch.equal(image, first) and target == first_target == 0
-    assert dataset.bad_images == 1
-    assert len(_lines_naming(capsys.readouterr().err, bad)) == 1
+def test_fallback_samples_are_fixed_and_spread_over_the_folder():
+    draws = [fallback_sample(7, attempt, 1000) for attempt in range(1, 201)]
+    assert draws == [fallback_sample(7, attempt, 1000) for attempt in range(1, 201)]
+    assert len(set(draws)) > 150 and max(draws) - min(draws) > 800  # not a walk through the neighbours
 
 
 def test_corrupt_image_counted_once_across_workers_and_epochs(small_folder, capfd):
@@ -87,6 +87,48 @@ def test_unrecoverable_folder_of_bad_images_raises(tmp_path):
     dataset = RobustImageFolder(os.path.join(root, "train"))
     with pytest.raises(RuntimeError, match="unreadable"):
         dataset[0]
+
+
+def _folder_with_unreadable(tmp_path, good, bad):
+    """One class of `good` readable images followed by `bad` unreadable ones, in the folder's order."""
+    root = make_image_folder(tmp_path / "images", classes=1, train_per_class=good + bad, val_per_class=1,
+                             size=(4, 4))
+    for i in range(good, good + bad):
+        _corrupt(root, os.path.join("class0", f"img{i:03d}.png"))
+    return RobustImageFolder(os.path.join(root, "train"), transforms.PILToTensor())
+
+
+def test_a_run_of_unreadable_images_in_a_mostly_readable_folder_is_read_around(tmp_path, capsys):
+    dataset = _folder_with_unreadable(tmp_path, good=70, bad=60)  # 46 % unreadable, 60 in a row
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        assert image.shape == (3, 4, 4)
+    assert dataset.bad_images == 60
+
+
+def test_a_mostly_unreadable_folder_stops_saying_the_share(tmp_path, capsys):
+    dataset = _folder_with_unreadable(tmp_path, good=20, bad=80)
+    with pytest.raises(UserError, match=r"are unreadable \(\d+ %.*are all its images unreadable") as info:
+        for index in range(len(dataset)):
+            dataset[index]
+    bad, seen = map(int, re.match(r"(\d+) of the (\d+) images read", str(info.value)).groups())
+    assert bad >= 50 and bad > seen / 2
+
+
+def test_loader_workers_leave_ctrl_c_to_the_trainer(small_folder):
+    """A terminal's Ctrl-C reaches the loader workers too; they must keep serving (the trainer decides
+    whether to save and stop), not exit and fail the trainer's next batch."""
+    dataset = RobustImageFolder(os.path.join(small_folder, "train"), transforms.PILToTensor(), data_seed=1)
+    sampler = ResumableSampler(dataset, 1, 0, seed=1, batch_size=2)
+    loader = make_loader(dataset, sampler, 2, 2, torch.device("cpu"), drop_last=True)
+    first = [images for images, _ in loader]  # the persistent workers are up
+    workers = descendants(os.getpid())
+    assert len(workers) >= 2
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    again = [images for images, _ in loader]  # the same workers, the same epoch
+    assert len(again) == len(first) and all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_per_sample_seeding_is_independent_of_call_order(small_folder):

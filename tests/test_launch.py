@@ -51,7 +51,8 @@ def slurm_env(monkeypatch, ntasks, nnodes, procid=0, localid=0, **extra):
     """What srun sets for one of its tasks (the parts the launcher reads, and a few it does not)."""
     set_env(monkeypatch, SLURM_NTASKS=ntasks, SLURM_NNODES=nnodes, SLURM_PROCID=procid, SLURM_LOCALID=localid,
             SLURM_NODEID=procid * nnodes // ntasks, SLURM_JOB_ID=4242, SLURM_NODELIST="node[01-02]",
-            SLURM_STEP_NODELIST="node[01-02]", SLURM_TASKS_PER_NODE=f"{ntasks // nnodes}(x{nnodes})", **extra)
+            SLURM_STEP_NODELIST="node[01-02]", SLURM_STEP_ID=0,
+            SLURM_TASKS_PER_NODE=f"{ntasks // nnodes}(x{nnodes})", **extra)
 
 
 def refused(args, gpus, *expected):
@@ -67,6 +68,27 @@ def refused(args, gpus, *expected):
 # --------------------------------------------------------------------------------------------------
 # the checks, with the number of visible GPUs given (any machine)
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": 3, "WORLD_SIZE": 2, "MASTER_ADDR": "h", "MASTER_PORT": 1}, ["RANK=3 and WORLD_SIZE=2 do not fit"]),
+    ({"RANK": 0, "WORLD_SIZE": 0, "MASTER_ADDR": "h", "MASTER_PORT": 1}, ["WORLD_SIZE must be at least 1"]),
+    ({"RANK": "", "WORLD_SIZE": 2, "MASTER_ADDR": "h", "MASTER_PORT": 1}, ["must both hold a number"]),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "h", "MASTER_PORT": "x"}, ["MASTER_PORT='x' is not an integer"]),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "h"}, ["MASTER_PORT is not"]),
+    ({"SLURM_NTASKS": 4, "SLURM_PROCID": 0}, ["SLURM_NTASKS=4", "not started by srun", "other 3 task(s)"]),
+    ({"SLURM_NTASKS": 2, "SLURM_PROCID": 0, "SLURM_STEP_ID": 4294967294}, ["not started by srun"]),
+    ({"SLURM_NTASKS": "two", "SLURM_PROCID": 0}, ["SLURM_NTASKS='two' is not an integer"]),
+])
+def test_launch_environment_that_cannot_work_is_refused(no_launcher, env, expected):
+    set_env(no_launcher, **env)
+    refused(parse(["DIR"]), 0, *expected)
+
+
+def test_srun_step_is_accepted_without_gpus(no_launcher):
+    slurm_env(no_launcher, ntasks=4, nnodes=2, procid=3, localid=1)
+    plan = plan_launch(parse(["DIR"]), gpus=0)
+    assert (plan.mode, plan.world_size, plan.rank) == ("slurm", 4, 3)
+
+
 def test_torchrun_more_processes_than_gpus(no_launcher):
     torchrun_env(no_launcher, world=8, local_world=8, rank=3, local_rank=3)
     message = refused(parse(["DIR"]), 1, "8 processes", "1 GPU is visible", "--nproc_per_node 1",
@@ -207,7 +229,7 @@ def test_srun_task_beyond_the_gpus_is_refused(image_folder, tmp_path):
     cwd, out = tmp_path / "cwd", tmp_path / "out"
     cwd.mkdir()
     env = cuda_env(SLURM_NTASKS=gpus + 1, SLURM_NNODES=1, SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_JOB_ID=7,
-                   SLURM_NODELIST="localhost", SLURM_STEP_NODELIST="localhost")
+                   SLURM_STEP_ID=0, SLURM_NODELIST="localhost", SLURM_STEP_NODELIST="localhost")
     result = run_script("main_moco.py", MOCO_TINY + ["--output-dir", out, image_folder], env, cwd)
     assert_refused(result, "main_moco.py", cwd, out, f"slurm starts {gpus + 1} processes",
                    f"--ntasks-per-node {gpus}")

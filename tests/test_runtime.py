@@ -110,6 +110,33 @@ def test_preemption_signal_catches_a_real_sigterm_and_restores_the_handler():
         signal.signal(signal.SIGTERM, original)
 
 
+def _deliver(signum, until):
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # the python-level handler runs between bytecodes
+        if until():
+            return
+
+
+def test_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(capsys):
+    with PreemptionSignal() as preemption:
+        _deliver(signal.SIGINT, lambda: preemption.received)
+        assert (preemption.received, preemption.name, preemption.exit_code) == (True, "SIGINT", 130)
+        assert "Ctrl-C again stops without saving" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT, lambda: False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_then_ctrl_c_stops_at_once_and_sigterm_keeps_its_exit_code():
+    with PreemptionSignal() as preemption:
+        _deliver(signal.SIGTERM, lambda: preemption.received)
+        assert (preemption.name, preemption.exit_code) == ("SIGTERM", 143)
+        _deliver(signal.SIGTERM, lambda: False)  # a repeated SIGTERM changes nothing
+        assert preemption.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT, lambda: False)
+
+
 def test_sgd_is_fused_only_with_a_grad_scaler():
     assert Precision(False, torch.device("cpu")).fused_sgd is False
     model = torch.nn.Linear(3, 2)
