@@ -1,6 +1,7 @@
 """Command-line flags both scripts share, with the reference's names, aliases, dests and defaults."""
 import argparse
 import math
+import os
 
 from moco.errors import UserError
 from moco.models import model_names
@@ -113,3 +114,25 @@ def check_args(args):
     for milestone in getattr(args, "schedule", None) or []:
         if milestone < 0:
             raise UserError(f"--schedule {milestone} is out of range: milestones are epochs, >= 0")
+
+
+def class_folders(folder):
+    """The class folders of an ImageFolder root, as torchvision lists them (sub-folders, sorted)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    except OSError:
+        return None  # unreadable: the image folder itself reports it when it is opened
+
+
+def require_same_classes(data, purpose):
+    """UserError unless DIR/train and DIR/val hold the same class folders: labels are indices into the
+    sorted class list, so a class missing or added on one side shifts every label after it and the
+    top-1 of `purpose` would compare the wrong classes without a word."""
+    train, val = (class_folders(os.path.join(data, split)) for split in ("train", "val"))
+    if train is None or val is None or train == val:
+        return
+    missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    parts = ([f"val/ lacks {missing[:5]}"] if missing else []) + ([f"val/ has extra {extra[:5]}"] if extra else [])
+    raise UserError(f"the class folders of '{os.path.join(data, 'train')}' ({len(train)}) and "
+                    f"'{os.path.join(data, 'val')}' ({len(val)}) differ ({', '.join(parts)}); {purpose} needs "
+                    f"the same classes in both")
