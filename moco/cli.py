@@ -81,6 +81,7 @@ def _between(low, high):
     return lambda value: low <= value <= high, f"in [{low}, {high}]"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32; a larger flag value overflows in the optimizer
 # (dest, flag, (test, what the test asks)); flags a script does not have are not checked
 RANGES = (
     ("epochs", "--epochs", _at_least(0)),
@@ -109,6 +110,9 @@ def check_args(args):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{flag} {value} must be a finite number")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the optimizer and model compute in float32
+            raise UserError(f"{flag} {value} is out of range: it must be at most {FLOAT32_MAX:.4g} in size "
+                            f"(float32)")
         if not test(value):
             raise UserError(f"{flag} {value} is out of range: it must be {wanted}")
     for milestone in getattr(args, "schedule", None) or []:

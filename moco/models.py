@@ -50,6 +50,8 @@ def require_usable_arch(arch, cifar_stem, crop_size, fc_needed_by=None):
                 model = constructor(num_classes=2)
         except NotImplementedError:  # its initialisation reads values (RegNet): build it for real
             model, on_meta = constructor(num_classes=2), False
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001  (any failure to build is the choice of --arch)
         raise UserError(f"--arch {arch} cannot be built here ({describe_failure(err)})") from None
     if fc_needed_by and not isinstance(getattr(model, "fc", None), nn.Linear):
