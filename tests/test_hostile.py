@@ -111,6 +111,7 @@ class Runner:
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM_")}
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.folder = folder
+        self.env = env
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.count = 0
@@ -135,6 +136,30 @@ class Runner:
             raise
         finally:  # keep the server's replies in step, whatever happened here
             code = json.loads(self.proc.stdout.readline())["code"]
+        with open(out) as f_out, open(err) as f_err:
+            return code, f_out.read(), f_err.read()
+
+    def run_python(self, script, argv, cwd, fsize=None, while_running=None):
+        """`python SCRIPT ARGV` in a fresh interpreter and process group of its own: no fork server, no
+        runpy, the script's own start-up. Same interface as `run`."""
+        self.count += 1
+        out, err = (os.path.join(self.folder, f"{self.count}.{name}") for name in ("out", "err"))
+
+        def limit_file_size():
+            if fsize:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        with open(out, "w") as f_out, open(err, "w") as f_err:
+            proc = subprocess.Popen([sys.executable, script] + [str(a) for a in argv], cwd=str(cwd), env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=f_out, stderr=f_err, start_new_session=True,
+                                    preexec_fn=limit_file_size)
+            try:
+                if while_running is not None:
+                    while_running(proc.pid, out)
+                code = proc.wait(timeout=600)
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         with open(out) as f_out, open(err) as f_err:
             return code, f_out.read(), f_err.read()
 
@@ -662,6 +687,51 @@ def expand(argv, values):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_case(name, world, tmp_path):
+    run_case(name, world, tmp_path, world["runner"].run)
+
+
+# a few cases once more as plain `python SCRIPT ARGS`, in case the fork server hides a start-up problem
+AS_PYTHON_SCRIPT = ["moco-k-not-divisible", "lincls-evaluate-without-resume", "moco-sigterm-main-and-workers"]
+
+
+@pytest.mark.parametrize("name", AS_PYTHON_SCRIPT)
+def test_hostile_case_as_python_script(name, world, tmp_path):
+    run_case(name, world, tmp_path, world["runner"].run_python)
+
+
+def test_every_process_waits_for_the_checkpoint(world, tmp_path):
+    """Two processes launched as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT): when process 1
+    has exited, the checkpoint process 0 writes is complete, so a job that ends with its last process
+    (or a scheduler that kills the rest) never loses it."""
+    import socket
+    import torch
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(world["runner"].env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2")
+    argv = [sys.executable, MOCO] + MOCO_ARGS + ["-b", "8", "--epochs", "1", "--output-dir", "out", world["data"]]
+    logs = [open(os.path.join(str(tmp_path), f"rank{rank}.log"), "w+") for rank in range(2)]
+    procs = [subprocess.Popen(argv, cwd=str(tmp_path), env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                              stdout=logs[rank], stderr=subprocess.STDOUT) for rank in range(2)]
+    try:
+        procs[1].wait(timeout=300)
+        path = os.path.join(str(tmp_path), "out", "checkpoint_0000.pth.tar")
+        complete_when_rank1_left = os.path.exists(path)
+        procs[0].wait(timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    report = "".join(f.seek(0) or f.read()[-2000:] for f in logs)
+    assert [proc.returncode for proc in procs] == [0, 0], report
+    assert complete_when_rank1_left, "process 1 exited before process 0 had written the checkpoint"
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def run_case(name, world, tmp_path, run):
+    """Set up case `name` in `tmp_path`, run it through `run` (Runner.run or Runner.run_python), and check
+    its exit status, its lines, the files it kept and the case's own check."""
     case = CASES[name]
     case_dir = str(tmp_path)
     if case.setup is not None:
@@ -670,11 +740,10 @@ def test_hostile_case(name, world, tmp_path):
     values["pid"] = os.getpid()
     before = snapshot(case_dir)
     argv = expand(case.argv, values)
-    code, out, err = world["runner"].run(case.script, argv, cwd=case_dir, fsize=case.fsize,
-                                         while_running=case.while_running)
+    code, out, err = run(case.script, argv, cwd=case_dir, fsize=case.fsize, while_running=case.while_running)
 
     def rerun():  # the same command again, in the same folder, as a user would after a fix or a stop
-        return world["runner"].run(case.script, argv, cwd=case_dir)
+        return run(case.script, argv, cwd=case_dir)
 
     report = f"exit {code}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
     assert code == case.code, report
