@@ -114,12 +114,15 @@ def preflight(args, plan):
         raise UserError(f"--start-epoch {args.start_epoch} with --epochs {args.epochs} leaves no epoch to "
                         f"train; pass a larger --epochs")
     per_process_batch(args.batch_size, plan.procs_per_node)
+    backbone = None
     if args.pretrained:
         model = model_constructor(args.arch, args.cifar_stem)()
-        load_pretrained(model, args.pretrained, args.arch)
+        backbone = load_pretrained(model, args.pretrained, args.arch)
     if args.resume:
         checkpoint = load_checkpoint(args.resume, what="--resume checkpoint")
-        checkpoint_state_dict(checkpoint, args.resume, what="--resume checkpoint")
+        resumed = checkpoint_state_dict(checkpoint, args.resume, what="--resume checkpoint")
+        if backbone is not None:
+            require_same_backbone(resumed, backbone, args)
         if "best_acc1" not in checkpoint:
             raise UserError(f"--resume checkpoint '{args.resume}' is not a linear-classification checkpoint "
                             f"(no best_acc1); to start from MoCo weights use --pretrained")
@@ -131,6 +134,17 @@ def preflight(args, plan):
                             f"{checkpoint['arch']}, this run uses --arch {args.arch}")
     if not args.evaluate:
         check_output_dir(args.output_dir)
+
+
+def require_same_backbone(resumed, backbone, args):
+    """A linear checkpoint carries its backbone: resumed with another --pretrained, its fc layer would be
+    trained on (and the sanity check would compare against) other features."""
+    for key, value in backbone.items():
+        theirs = resumed.get("module." + key, resumed.get(key))
+        if theirs is None or theirs.shape != value.shape or not torch.equal(theirs, value):
+            raise UserError(f"--resume checkpoint '{args.resume}' was trained on other backbone weights than "
+                            f"--pretrained '{args.pretrained}' ('{key}' differs); pass the --pretrained of that "
+                            f"run, or drop --resume to start a new linear run")
 
 
 # what makes two linear runs the same run: a run with equal values resumes the other's checkpoint
@@ -269,11 +283,11 @@ def lincls_process(local_index, plan, args):
             acc1, acc5 = validate(val_loader, model, precision, args, ctx, log)
             is_best = acc1 > best_acc1
             best_acc1 = max(acc1, best_acc1)
+            if epoch == args.start_epoch and backbone is not None:  # before the save: no broken checkpoint
+                sanity_check(model.state_dict(), backbone)
             if ctx.is_main:
                 save_linear(args, epoch, model, optimizer, best_acc1, is_best)
             barrier()  # every process waits for the files, so none ends the job while they are written
-            if epoch == args.start_epoch and backbone is not None:
-                sanity_check(model.state_dict(), backbone)
             log.record({"epoch": epoch, **train_stats, "val_acc1": acc1, "val_acc5": acc5,
                         "best_acc1": best_acc1}, saved=os.path.join(args.output_dir, "checkpoint.pth.tar"))
         log.info(f"=> best top-1 {best_acc1:.3f}; checkpoint.pth.tar and model_best.pth.tar in "

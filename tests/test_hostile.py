@@ -636,6 +636,9 @@ CASES = {
     "lincls-pretrained-replaced": Case(LINCLS, ["{lin_argv}", "--pretrained", "pre.pth.tar", "--output-dir", "out"],
                                        ERROR, ["another linear run", "sha256", "--fresh"],
                                        setup=setup_replaced_pretrained),
+    "lincls-resume-other-backbone": lincls(["--resume", "{lin_ckpt}", "--pretrained", "{ckpt_other}", "--epochs", "2"],
+                                           ERROR, ["{lin_ckpt}", "{ckpt_other}", "other backbone weights"],
+                                           check=check_no_checkpoint),
     "lincls-evaluate-without-resume": lincls(["-e"], ERROR, ["-e", "--resume", "trained linear classifier"]),
     "lincls-evaluate-other-class-count": lincls(["-e", "--resume", "{lin_ckpt}"], ERROR,
                                                 ["{lin_ckpt}", "does not fit"], data="{val_extra_class}"),
@@ -700,33 +703,39 @@ def test_hostile_case_as_python_script(name, world, tmp_path):
 
 
 def test_every_process_waits_for_the_checkpoint(world, tmp_path):
-    """Two processes launched as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT): when process 1
-    has exited, the checkpoint process 0 writes is complete, so a job that ends with its last process
-    (or a scheduler that kills the rest) never loses it."""
+    """Two processes launched as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT). Process 0's save is
+    held open: its partial file `.checkpoint_0000.pth.tar.tmp<pid>` is a FIFO, whose open blocks until a
+    reader comes (and a partial file of a live process is never cleaned up). Process 1 must still be
+    there while process 0 writes, so a job that ends with its last process never loses the checkpoint."""
     import socket
-    import torch
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = dict(world["runner"].env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                LOCAL_WORLD_SIZE="2")
     argv = [sys.executable, MOCO] + MOCO_ARGS + ["-b", "8", "--epochs", "1", "--output-dir", "out", world["data"]]
-    logs = [open(os.path.join(str(tmp_path), f"rank{rank}.log"), "w+") for rank in range(2)]
-    procs = [subprocess.Popen(argv, cwd=str(tmp_path), env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                              stdout=logs[rank], stderr=subprocess.STDOUT) for rank in range(2)]
+    os.makedirs(os.path.join(str(tmp_path), "out"))
+    logs = [os.path.join(str(tmp_path), f"rank{rank}.log") for rank in range(2)]
+    procs = []
     try:
-        procs[1].wait(timeout=300)
-        path = os.path.join(str(tmp_path), "out", "checkpoint_0000.pth.tar")
-        complete_when_rank1_left = os.path.exists(path)
-        procs[0].wait(timeout=300)
+        for rank in range(2):
+            with open(logs[rank], "w") as log:
+                procs.append(subprocess.Popen(argv, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                              start_new_session=True))
+            if rank == 0:
+                os.mkfifo(os.path.join(str(tmp_path), "out", f".checkpoint_0000.pth.tar.tmp{procs[0].pid}"))
+        wait_for_step(logs[0], 1, timeout=300)  # the last step of the epoch: the save comes next
+        deadline = time.time() + 20  # process 1 needs a second or two to end, if nothing holds it
+        while time.time() < deadline and procs[1].poll() is None and procs[0].poll() is None:
+            time.sleep(0.2)
+        report = "".join(open(log).read()[-2000:] for log in logs)
+        assert procs[0].poll() is None, f"process 0 should be held in its save\n{report}"
+        assert procs[1].poll() is None, f"process 1 exited while process 0 was writing the checkpoint\n{report}"
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    report = "".join(f.seek(0) or f.read()[-2000:] for f in logs)
-    assert [proc.returncode for proc in procs] == [0, 0], report
-    assert complete_when_rank1_left, "process 1 exited before process 0 had written the checkpoint"
-    assert torch.load(path, weights_only=True)["epoch"] == 1
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run_case(name, world, tmp_path, run):
