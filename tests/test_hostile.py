@@ -694,7 +694,7 @@ def test_hostile_case(name, world, tmp_path):
 
 
 # a few cases once more as plain `python SCRIPT ARGS`, in case the fork server hides a start-up problem
-AS_PYTHON_SCRIPT = ["moco-k-not-divisible", "lincls-evaluate-without-resume", "moco-sigterm-main-and-workers"]
+AS_PYTHON_SCRIPT = ["lincls-evaluate-without-resume", "moco-sigterm-main-and-workers"]
 
 
 @pytest.mark.parametrize("name", AS_PYTHON_SCRIPT)
