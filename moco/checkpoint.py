@@ -288,7 +288,7 @@ def remove_stale_partial_files(output_dir, log):
         except OSError as err:
             log(f"=> cannot remove '{path}', the partial file of an interrupted save: {err.strerror}")
             continue
-        log(f"=> removed '{path}', the partial file of a save interrupted by the end of process "
-            f"{match.group(2)} (the finished {match.group(1)} files are untouched)")
+        log(f"=> removed '{path}', the partial file of a save cut short when process {match.group(2)} "
+            f"ended (a finished '{match.group(1)}' is a file of its own and stays untouched)")
         removed.append(path)
     return removed
