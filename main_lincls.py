@@ -12,15 +12,15 @@ import torch
 import torch.nn as nn
 
 from moco import cli
-from moco.checkpoint import (checkpoint_state_dict, copy_checkpoint, load_checkpoint, restore_training_state,
-                             save_checkpoint)
+from moco.checkpoint import (checkpoint_state_dict, copy_checkpoint, file_sha256, first_nonfinite, load_checkpoint,
+                             remove_stale_partial_files, restore_training_state, save_checkpoint)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
-from moco.distributed import all_reduce_sum, plan_launch, process_group, run_processes, wrap_ddp
+from moco.distributed import all_reduce_sum, barrier, plan_launch, process_group, run_processes, wrap_ddp
 from moco.errors import UserError, run_cli
 from moco.loader import linear_train_transform, linear_val_transform
 from moco.logs import RunLog, require_tensorboard
 from moco.meters import TrainingMeters, topk_correct
-from moco.models import model_constructor
+from moco.models import model_constructor, require_usable_arch
 from moco.outdir import RunLock, check_output_dir
 from moco.runtime import Precision, check_amp, per_process_batch, setup_process, to_device
 from moco.schedule import adjust_learning_rate
@@ -56,6 +56,10 @@ def backbone_from_moco(checkpoint, path):
     if not backbone:
         raise UserError(f"--pretrained checkpoint '{path}' is not a MoCo pre-training checkpoint "
                         f"(it has no module.encoder_q.* weights)")
+    bad = first_nonfinite(backbone.items())
+    if bad is not None:  # its features would be NaN: every accuracy measured on them is meaningless
+        raise UserError(f"--pretrained checkpoint '{path}' holds non-finite weights ('{bad}' has NaN or inf "
+                        f"values); use an earlier checkpoint of the pre-training run")
     return backbone
 
 
@@ -95,16 +99,30 @@ def sanity_check(model_state, pretrained_backbone):
 def preflight(args, plan):
     cli.check_args(args)
     check_amp(args)
+    require_usable_arch(args.arch, args.cifar_stem, args.crop_size,
+                        fc_needed_by="main_lincls.py (it trains fc.weight and fc.bias only)")
     require_split(args.data, "val")
     if not args.evaluate:
         require_split(args.data, "train")
+        # labels are class-folder indices: train/ and val/ must name the same classes
+        cli.require_same_classes(args.data, "linear classification")
+    if args.evaluate and not args.resume:
+        # without a trained fc layer the accuracy would be that of a random classifier
+        raise UserError("-e evaluates a trained linear classifier: pass its checkpoint (checkpoint.pth.tar or "
+                        "model_best.pth.tar of a main_lincls.py run) with --resume")
+    if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
+        raise UserError(f"--start-epoch {args.start_epoch} with --epochs {args.epochs} leaves no epoch to "
+                        f"train; pass a larger --epochs")
     per_process_batch(args.batch_size, plan.procs_per_node)
+    backbone = None
     if args.pretrained:
         model = model_constructor(args.arch, args.cifar_stem)()
-        load_pretrained(model, args.pretrained, args.arch)
+        backbone = load_pretrained(model, args.pretrained, args.arch)
     if args.resume:
         checkpoint = load_checkpoint(args.resume, what="--resume checkpoint")
-        checkpoint_state_dict(checkpoint, args.resume, what="--resume checkpoint")
+        resumed = checkpoint_state_dict(checkpoint, args.resume, what="--resume checkpoint")
+        if backbone is not None:
+            require_same_backbone(resumed, backbone, args)
         if "best_acc1" not in checkpoint:
             raise UserError(f"--resume checkpoint '{args.resume}' is not a linear-classification checkpoint "
                             f"(no best_acc1); to start from MoCo weights use --pretrained")
@@ -118,16 +136,31 @@ def preflight(args, plan):
         check_output_dir(args.output_dir)
 
 
+def require_same_backbone(resumed, backbone, args):
+    """A linear checkpoint carries its backbone: resumed with another --pretrained, its fc layer would be
+    trained on (and the sanity check would compare against) other features."""
+    for key, value in backbone.items():
+        theirs = resumed.get("module." + key, resumed.get(key))
+        if theirs is None or theirs.shape != value.shape or not torch.equal(theirs, value):
+            raise UserError(f"--resume checkpoint '{args.resume}' was trained on other backbone weights than "
+                            f"--pretrained '{args.pretrained}' ('{key}' differs); pass the --pretrained of that "
+                            f"run, or drop --resume to start a new linear run")
+
+
 # what makes two linear runs the same run: a run with equal values resumes the other's checkpoint
-RUN_IDENTITY = (("arch", "--arch"), ("pretrained", "--pretrained"), ("data", "DIR"), ("lr", "--lr"),
+RUN_IDENTITY = (("arch", "--arch"), ("pretrained", "--pretrained"),
+                ("pretrained_sha256", "the content (sha256) of --pretrained"), ("data", "DIR"), ("lr", "--lr"),
                 ("batch_size", "--batch-size"), ("schedule", "--schedule"), ("momentum", "--momentum"),
                 ("weight_decay", "--wd"), ("crop_size", "--crop-size"), ("cifar_stem", "--cifar-stem"),
                 ("seed", "--seed"))
 
 
 def run_identity(args):
-    """The flags of RUN_IDENTITY, with paths made absolute; stored in every checkpoint as `run`."""
-    identity = {dest: getattr(args, dest) for dest, _ in RUN_IDENTITY}
+    """The flags of RUN_IDENTITY, with paths made absolute; stored in every checkpoint as `run`.
+
+    A path says where the weights were, not what they are: the file behind --pretrained may have been
+    replaced since, so its content hash (`args.pretrained_sha256`, taken once at start) is part of it."""
+    identity = {dest: getattr(args, dest, None) for dest, _ in RUN_IDENTITY}
     for dest in ("pretrained", "data"):
         identity[dest] = os.path.realpath(identity[dest]) if identity[dest] else ""
     return identity
@@ -183,9 +216,12 @@ def main(args):
     preflight(args, plan)
     if args.evaluate:  # writes nothing
         return run_processes(lincls_process, plan, args)
+    args.pretrained_sha256 = file_sha256(args.pretrained) if args.pretrained else ""
     log = RunLog(args.output_dir, is_main=plan.rank == 0)
     # one run at a time per --output-dir: process 0 of the run holds the lock while it lives
     with RunLock(args.output_dir, "main_lincls.py", log.info) if plan.rank == 0 else contextlib.nullcontext():
+        if plan.rank == 0:
+            remove_stale_partial_files(args.output_dir, log.info)
         args.resume, finished_best = earlier_run(args, log)
         if args.resume is None:
             return {"best_acc1": finished_best}
@@ -216,8 +252,6 @@ def lincls_process(local_index, plan, args):
         train_set = None if args.evaluate else RobustImageFolder(
             os.path.join(args.data, "train"), linear_train_transform(args.crop_size),
             data_seed=args.seed if args.seed is not None else 0)
-        if train_set is not None and train_set.classes != val_set.classes:
-            raise UserError(f"the class folders of '{args.data}/train' and '{args.data}/val' differ")
         model, backbone = build_classifier(args, len(val_set.classes), ctx.device)
         if args.compile:
             model.compile()
@@ -249,12 +283,13 @@ def lincls_process(local_index, plan, args):
             acc1, acc5 = validate(val_loader, model, precision, args, ctx, log)
             is_best = acc1 > best_acc1
             best_acc1 = max(acc1, best_acc1)
+            if epoch == args.start_epoch and backbone is not None:  # before the save: no broken checkpoint
+                sanity_check(model.state_dict(), backbone)
             if ctx.is_main:
                 save_linear(args, epoch, model, optimizer, best_acc1, is_best)
-            if epoch == args.start_epoch and backbone is not None:
-                sanity_check(model.state_dict(), backbone)
+            barrier()  # every process waits for the files, so none ends the job while they are written
             log.record({"epoch": epoch, **train_stats, "val_acc1": acc1, "val_acc5": acc5,
-                        "best_acc1": best_acc1})
+                        "best_acc1": best_acc1}, saved=os.path.join(args.output_dir, "checkpoint.pth.tar"))
         log.info(f"=> best top-1 {best_acc1:.3f}; checkpoint.pth.tar and model_best.pth.tar in "
                  f"{os.path.abspath(args.output_dir)}")
         return {"best_acc1": best_acc1}

@@ -14,10 +14,10 @@ import torch
 from moco import builder, cli, knn
 from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint, first_nonfinite,
                              is_pretrain_state_dict, load_checkpoint, optimizer_tensors, pretrain_checkpoint_name,
-                             restore_rng_state, restore_training_state, save_checkpoint,
-                             scan_resume_checkpoints)
+                             remove_stale_partial_files, restore_rng_state, restore_training_state,
+                             save_checkpoint, scan_resume_checkpoints)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
-from moco.distributed import (all_reduce_max, broadcast_from_main, plan_launch,
+from moco.distributed import (all_reduce_max, barrier, broadcast_from_main, plan_launch,
                               process_group, run_processes, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
 from moco.guard import NonFiniteLoss, StepGuard
@@ -28,7 +28,7 @@ from moco.device_crops import DeviceDecoder
 from moco.loader import linear_val_transform, pretrain_transform
 from moco.logs import RunLog, require_tensorboard
 from moco.meters import ThroughputWindow, TrainingMeters
-from moco.models import model_constructor
+from moco.models import model_constructor, require_usable_arch
 from moco.outdir import RunLock, check_output_dir
 from moco.runtime import Precision, PreemptionSignal, check_amp, per_process_batch, setup_process
 from moco.schedule import adjust_learning_rate
@@ -72,9 +72,12 @@ def preflight(args, plan):
     """Fail on bad input before anything is written or any process starts."""
     cli.check_args(args)
     check_amp(args)
+    require_usable_arch(args.arch, args.cifar_stem, args.crop_size, fc_needed_by="--mlp" if args.mlp else None)
     require_split(args.data, "train")
     if args.knn_freq > 0:
         require_split(args.data, "val")
+        # the monitor labels val/ images by the bank's classes: both must name the same classes
+        cli.require_same_classes(args.data, "the kNN monitor (--knn-freq)")
     batch = per_process_batch(args.batch_size, plan.procs_per_node)
     if args.bn_splits < 1 or batch % args.bn_splits != 0:
         raise UserError(f"--bn-splits {args.bn_splits} must divide the per-process batch {batch}")
@@ -125,6 +128,9 @@ def resume_point(args, log):
     if path and progress == (args.epochs, 0):
         log.info(f"=> nothing to do: '{path}' already holds all {args.epochs} epochs")
         return None
+    if progress == (args.epochs, 0):  # no checkpoint, and --start-epoch leaves no epoch to train
+        raise UserError(f"--start-epoch {args.start_epoch} with --epochs {args.epochs} leaves no epoch to "
+                        f"train; pass a larger --epochs")
     for epoch in range(done, args.epochs):
         ahead = os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))
         if os.path.exists(ahead):
@@ -144,6 +150,8 @@ def main(args):
     log = RunLog(args.output_dir, is_main=plan.rank == 0)
     # one run at a time per --output-dir: process 0 of the run holds the lock while it lives
     with RunLock(args.output_dir, "main_moco.py", log.info) if plan.rank == 0 else contextlib.nullcontext():
+        if plan.rank == 0:
+            remove_stale_partial_files(args.output_dir, log.info)
         args.resume = resume_point(args, log)
         if args.resume is None:
             return None
@@ -363,6 +371,8 @@ def save(args, model, optimizer, precision, state, ctx):
             "rng_states": rng_states,
             "scaler": precision.state_dict(),
         }, path)
+    # no process may go on (or exit, ending the job) while process 0 is still writing the checkpoint
+    barrier()
     return path
 
 

@@ -5,6 +5,7 @@ Pre-training checkpoints keep the reference format (`epoch`, `arch`, `state_dict
 strings, lists, dicts), so every checkpoint loads with `torch.load(weights_only=True)`.
 """
 import errno
+import hashlib
 import os
 import random
 import re
@@ -16,6 +17,8 @@ import torch
 from moco.errors import UserError
 
 PRETRAIN_NAME = re.compile(r"^checkpoint_(\d{4,})(?:_iter(\d{6,}))?\.pth\.tar$")
+# the partial file of a save in progress (save_checkpoint, copy_checkpoint): .<name>.tmp<pid of the writer>
+PARTIAL_NAME = re.compile(r"^\.((?:checkpoint|model_best)[^/]*\.pth\.tar)\.tmp(\d+)$")
 
 
 def save_checkpoint(state, path):
@@ -242,3 +245,50 @@ def optimizer_tensors(optimizer_state):
     for index, entry in optimizer_state.get("state", {}).items():
         for key, value in entry.items():
             yield f"optimizer state {index}.{key}", value
+
+
+def file_sha256(path):
+    """The sha256 of a file's content (hex): what a run loaded, where its path alone cannot say."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise UserError(f"cannot read '{path}': {err.strerror}") from None
+    return digest.hexdigest()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_partial_files(output_dir, log):
+    """Remove the partial files of saves that a killed process (kill -9, a node lost) left in
+    `output_dir`, naming each through `log`. A partial file whose writer is alive is kept: the caller
+    holds the folder's run lock, so such a writer would be another process of this host still saving."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        match = PARTIAL_NAME.match(name)
+        if not match or _pid_alive(int(match.group(2))):
+            continue
+        path = os.path.join(output_dir, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            log(f"=> cannot remove '{path}', the partial file of an interrupted save: {err.strerror}")
+            continue
+        log(f"=> removed '{path}', the partial file of a save cut short when process {match.group(2)} "
+            f"ended (a finished '{match.group(1)}' is a file of its own and stays untouched)")
+        removed.append(path)
+    return removed

@@ -1,6 +1,7 @@
 """Command-line flags both scripts share, with the reference's names, aliases, dests and defaults."""
 import argparse
 import math
+import os
 
 from moco.errors import UserError
 from moco.models import model_names
@@ -80,6 +81,7 @@ def _between(low, high):
     return lambda value: low <= value <= high, f"in [{low}, {high}]"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32; a larger flag value overflows in the optimizer
 # (dest, flag, (test, what the test asks)); flags a script does not have are not checked
 RANGES = (
     ("epochs", "--epochs", _at_least(0)),
@@ -108,8 +110,33 @@ def check_args(args):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{flag} {value} must be a finite number")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the optimizer and model compute in float32
+            raise UserError(f"{flag} {value} is out of range: it must be at most {FLOAT32_MAX:.4g} in size "
+                            f"(float32)")
         if not test(value):
             raise UserError(f"{flag} {value} is out of range: it must be {wanted}")
     for milestone in getattr(args, "schedule", None) or []:
         if milestone < 0:
             raise UserError(f"--schedule {milestone} is out of range: milestones are epochs, >= 0")
+
+
+def class_folders(folder):
+    """The class folders of an ImageFolder root, as torchvision lists them (sub-folders, sorted)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    except OSError:
+        return None  # unreadable: the image folder itself reports it when it is opened
+
+
+def require_same_classes(data, purpose):
+    """UserError unless DIR/train and DIR/val hold the same class folders: labels are indices into the
+    sorted class list, so a class missing or added on one side shifts every label after it and the
+    top-1 of `purpose` would compare the wrong classes without a word."""
+    train, val = (class_folders(os.path.join(data, split)) for split in ("train", "val"))
+    if train is None or val is None or train == val:
+        return
+    missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    parts = ([f"val/ lacks {missing[:5]}"] if missing else []) + ([f"val/ has extra {extra[:5]}"] if extra else [])
+    raise UserError(f"the class folders of '{os.path.join(data, 'train')}' ({len(train)}) and "
+                    f"'{os.path.join(data, 'val')}' ({len(val)}) differ ({', '.join(parts)}); {purpose} needs "
+                    f"the same classes in both")

@@ -78,13 +78,23 @@ class RunLog:
         for name, value in numeric_items(values):
             self.writer.add_scalar(f"step/{name}", value, step)
 
-    def record(self, entry):
-        """Append `entry` as one JSON line to log.txt; with --tensorboard, its numbers as epoch scalars."""
+    def record(self, entry, saved=None):
+        """Append `entry` as one JSON line to log.txt; with --tensorboard, its numbers as epoch scalars.
+
+        A failed append (a full disk) raises UserError, which names `saved` (default: the entry's
+        `checkpoint`), the checkpoint written just before, as kept: the run resumes from it."""
         if not self.is_main:
             return
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry, sort_keys=False) + "\n")
+        line = json.dumps(entry, sort_keys=False) + "\n"
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as err:  # a full disk, a quota, a log.txt made a folder meanwhile
+            saved = saved or entry.get("checkpoint")
+            kept = f"; the checkpoint '{saved}' is written and kept" if saved else ""
+            raise UserError(f"cannot append to '{self.path}': {err.strerror or err}{kept}; make room (or fix "
+                            f"the file) and run the same command again to continue") from None
         if "epoch" in entry and self.open_writer():
             for name, value in numeric_items(entry):
                 if name != "epoch":

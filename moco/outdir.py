@@ -16,6 +16,7 @@ from moco.errors import UserError
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 60.0  # the owner touches the lock this often
 STALE_S = 600.0  # a lock not touched for this long belongs to a run that is gone
+RUN_FILES = ("log.txt", LOCK_NAME)  # files every run writes in its output folder
 
 
 def check_output_dir(path, flag="--output-dir"):
@@ -35,6 +36,11 @@ def check_output_dir(path, flag="--output-dir"):
         what = "is not writable" if existing == os.path.abspath(path) else f"cannot be created in '{existing}'"
         raise UserError(f"{flag} '{path}' {what} (permission denied or a read-only file system); choose "
                         f"another {flag}")
+    for name in RUN_FILES:  # the files a run appends to or creates there must be files, not folders
+        inside = os.path.join(path, name)
+        if os.path.isdir(inside):
+            raise UserError(f"'{inside}' in {flag} is a folder, where the run writes its {name} file; move it "
+                            f"away or choose another {flag}")
 
 
 def _can_write_in(folder):
@@ -83,6 +89,7 @@ class RunLock:
         self._thread = None
 
     def __enter__(self):
+        self.created = not os.path.exists(self.output_dir)
         try:
             os.makedirs(self.output_dir, exist_ok=True)
         except OSError as err:
@@ -103,6 +110,11 @@ class RunLock:
             try:
                 os.remove(self.path)
             except OSError:
+                pass
+        if self.created:  # a run that failed before writing anything leaves no empty folder behind
+            try:
+                os.rmdir(self.output_dir)
+            except OSError:  # not empty (or not ours to remove): keep it
                 pass
         return False
 

@@ -205,3 +205,27 @@ def test_first_nonfinite_names_the_tensor():
     assert first_nonfinite(tensors[:2]) is None
     state = {"state": {0: {"momentum_buffer": torch.tensor([float("nan")])}}, "param_groups": []}
     assert first_nonfinite(optimizer_tensors(state)) == "optimizer state 0.momentum_buffer"
+
+
+def test_partial_files_of_gone_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    from moco.checkpoint import remove_stale_partial_files
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    names = [f".checkpoint_0003.pth.tar.tmp{gone.pid}", f".model_best.pth.tar.tmp{gone.pid}",
+             f".checkpoint_0003.pth.tar.tmp{os.getpid()}", "checkpoint_0002.pth.tar", f".other.tmp{gone.pid}"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    said = []
+    removed = remove_stale_partial_files(str(tmp_path), said.append)
+    assert sorted(os.path.basename(p) for p in removed) == sorted(names[:2])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:]) and len(said) == 2
+
+
+def test_file_sha256_tells_contents_apart(tmp_path):
+    import hashlib
+    from moco.checkpoint import file_sha256
+    (tmp_path / "a").write_bytes(b"weights")
+    assert file_sha256(str(tmp_path / "a")) == hashlib.sha256(b"weights").hexdigest()
+    with pytest.raises(UserError, match="cannot read"):
+        file_sha256(str(tmp_path / "missing"))

@@ -173,3 +173,25 @@ def test_unknown_flag_is_an_argparse_error(parser):
         parser.parse_args(["DIR", "--no-such-flag"])
     assert exit_info.value.code == 2
     assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_train_and_val_must_name_the_same_classes(tmp_path):
+    from moco.cli import require_same_classes
+    from moco.errors import UserError
+    for split, classes in (("train", ["a", "b", "c"]), ("val", ["a", "c", "d"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+    with pytest.raises(UserError, match=r"val/ lacks \['b'\], val/ has extra \['d'\]\); the monitor"):
+        require_same_classes(str(tmp_path), "the monitor")
+    (tmp_path / "val" / "d").rmdir()
+    (tmp_path / "val" / "b").mkdir()
+    require_same_classes(str(tmp_path), "the monitor")
+
+
+def test_float_flags_beyond_float32_are_refused():
+    from moco.cli import check_args
+    from moco.errors import UserError
+    args = main_moco.get_args_parser().parse_args(["DIR", "--lr", "1e39"])
+    with pytest.raises(UserError, match=r"--lr 1e\+39 is out of range.*float32"):
+        check_args(args)
+    check_args(main_moco.get_args_parser().parse_args(["DIR", "--lr", "1e38"]))

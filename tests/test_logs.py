@@ -118,3 +118,13 @@ def test_missing_runs_are_named(tmp_path):
         curves.read_runs([str(tmp_path / "nowhere")])
     with pytest.raises(UserError, match="no log.txt in it"):
         curves.read_runs([str(tmp_path)])
+
+
+def test_a_failed_append_is_one_error_naming_the_kept_checkpoint(tmp_path):
+    log = RunLog(str(tmp_path), is_main=True)
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "log.txt").mkdir()  # any OSError of the append: here, log.txt made a folder meanwhile
+    with pytest.raises(UserError, match=r"cannot append to .*log\.txt.*'ck\.pth\.tar' is written and kept"):
+        log.record({"epoch": 0, "loss": 1.0}, saved="ck.pth.tar")
+    with pytest.raises(UserError, match="'c0.pth.tar' is written and kept"):  # main_moco's entries name it
+        log.record({"epoch": 0, "checkpoint": "c0.pth.tar"})

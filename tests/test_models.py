@@ -51,3 +51,15 @@ def test_unknown_arch_is_a_user_error():
 def test_cifar_stem_needs_a_resnet_style_model():
     with pytest.raises(UserError, match="--cifar-stem"):
         apply_cifar_stem(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_architectures_that_cannot_serve_the_run_are_refused():
+    from moco.models import require_usable_arch
+    require_usable_arch("resnet18", True, 8, fc_needed_by="--mlp")
+    require_usable_arch("mobilenet_v2", False, 32)  # MoCo without --mlp replaces its classifier: fine
+    with pytest.raises(UserError, match="mobilenet_v2 has no final Linear layer named 'fc', which --mlp needs"):
+        require_usable_arch("mobilenet_v2", False, 32, fc_needed_by="--mlp")
+    with pytest.raises(UserError, match=r"vit_b_16 cannot take 8 x 8 px crops \(--crop-size 8\)"):
+        require_usable_arch("vit_b_16", False, 8)
+    with pytest.raises(UserError, match="--cifar-stem needs a ResNet-style model"):
+        require_usable_arch("mobilenet_v2", True, 8)

@@ -63,7 +63,25 @@ def test_lock_is_held_while_the_run_lives_and_removed_after(tmp_path):
                 pass
         assert f"pid {os.getpid()}" in str(err.value)
         assert (out / LOCK_NAME).exists()  # the refused run left the owner's lock alone
-    assert os.listdir(out) == []
+    assert not out.exists()  # the lock made the folder, and the run left nothing in it: no empty folder stays
+
+
+def test_a_folder_is_removed_only_when_the_lock_made_it_and_it_stayed_empty(tmp_path):
+    existing, written = tmp_path / "existing", tmp_path / "written"
+    existing.mkdir()
+    with RunLock(str(existing), "main_moco.py", log=lambda _: None):
+        pass
+    with RunLock(str(written), "main_moco.py", log=lambda _: None):
+        (written / "log.txt").write_text("{}\n")
+    assert os.listdir(existing) == [] and os.listdir(written) == ["log.txt"]
+
+
+def test_run_files_that_are_folders_are_refused(tmp_path):
+    for name in ("log.txt", LOCK_NAME):
+        out = tmp_path / name.replace(".", "_")
+        (out / name).mkdir(parents=True)
+        with pytest.raises(UserError, match=f"{name}' in --output-dir is a folder"):
+            check_output_dir(str(out))
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
