@@ -375,6 +375,50 @@ def test_resnet18_converts(converter):
     np.testing.assert_array_equal(model["res3.0.shortcut.norm.bias"], q["layer2.0.downsample.1.bias"].numpy())
 
 
+def _resnet18_checkpoint_with(name, value, index=(0, 0, 0, 0)):
+    """A ResNet-18 MoCo checkpoint whose query-encoder tensor `name` holds `value` at `index`."""
+    q = _distinct(torchvision.models.resnet18(num_classes=128).state_dict(), 9)
+    q[name][index] = value
+    checkpoint = _moco_checkpoint(q, _distinct(q, 10))
+    checkpoint["arch"] = "resnet18"
+    return checkpoint
+
+
+def test_refuses_nan_weights_as_command(tmp_path):
+    """A diverged pre-training (NaN weights) is refused by name, not passed on to detectron2."""
+    src = tmp_path / "input.pth.tar"
+    torch.save(_resnet18_checkpoint_with("layer3.1.conv2.weight", float("nan")), src)
+    out = tmp_path / "output.pkl"
+    _assert_refused(_run_converter(src, out), "'layer3.1.conv2.weight'", "NaN or infinite", "1 ")
+    assert sorted(os.listdir(tmp_path)) == ["input.pth.tar"]  # no output, no temporary file
+
+
+@pytest.mark.parametrize("name,value,index", [
+    ("bn1.running_var", float("inf"), (5,)),
+    ("layer4.1.bn2.bias", -float("inf"), (0,)),
+    ("fc.weight", float("nan"), (3, 7)),  # the projection head: unused, but its run diverged
+])
+def test_refuses_non_finite_weights(name, value, index, converter, tmp_path, capsys):
+    src = tmp_path / "input.pth.tar"
+    torch.save(_resnet18_checkpoint_with(name, value, index), src)
+    out = tmp_path / "output.pkl"
+    out.write_bytes(b"keep me")
+    _refuse_in_process(converter, capsys, [src, out], f"encoder tensor {name!r}", "NaN or infinite")
+    assert out.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["input.pth.tar", "output.pkl"]
+
+
+def test_non_finite_key_encoder_is_not_refused(converter):
+    """Only what is converted is checked: NaN in encoder_k (dropped) does not block a good encoder_q."""
+    q = _distinct(torchvision.models.resnet18(num_classes=128).state_dict(), 11)
+    k = _distinct(q, 12)
+    k["conv1.weight"][0, 0, 0, 0] = float("nan")
+    checkpoint = _moco_checkpoint(q, k)
+    checkpoint["arch"] = "resnet18"
+    model = converter.convert(checkpoint)["model"]
+    np.testing.assert_array_equal(model["stem.conv1.weight"], q["conv1.weight"].numpy())
+
+
 # ---------------------------------------------------------------------------------------------------
 # configs: a small reader for the YAML subset they use, with yacs's value decoding
 
