@@ -658,6 +658,8 @@ def _fake_detectron2(record, plain_parent):
             for key, value in zip(opts[::2], opts[1::2]):
                 if key == "MODEL.WEIGHTS":
                     self.MODEL.WEIGHTS = value
+                if key == "OUTPUT_DIR":
+                    self.OUTPUT_DIR = value
 
         def freeze(self):
             record("freeze")
@@ -737,7 +739,15 @@ def _args(eval_only=False, resume=False, opts=("MODEL.WEIGHTS", "./output.pkl"))
                               resume=resume, opts=list(opts), num_gpus=1)
 
 
-def test_train_net_main_trains(train_net):
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder holding ./output.pkl (the converted weights the commands name)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output.pkl").write_bytes(b"weights")
+    return tmp_path
+
+
+def test_train_net_main_trains(train_net, in_tmp):
     for resume in (False, True):
         train_net.record.calls.clear()
         assert train_net.main(_args(resume=resume)) == "trained"
@@ -749,7 +759,7 @@ def test_train_net_main_trains(train_net):
         assert ("trainer.resume_or_load", resume) in train_net.record.calls
 
 
-def test_train_net_main_eval_only(train_net):
+def test_train_net_main_eval_only(train_net, in_tmp):
     for resume in (False, True):
         train_net.record.calls.clear()
         assert train_net.main(_args(eval_only=True, resume=resume)) == {"bbox": {"AP50": 1.0}}
@@ -760,11 +770,57 @@ def test_train_net_main_eval_only(train_net):
         assert "train" not in [call[0] for call in calls]
 
 
-def test_train_net_requires_weights_for_moco_configs(train_net):
-    with pytest.raises(SystemExit) as exit_info:
-        train_net.main(_args(opts=()))
-    assert "MODEL.WEIGHTS" in str(exit_info.value.code)
-    assert "train" not in [call[0] for call in train_net.record.calls]
+def _refused(train_net, args, *fragments):
+    """main(args) stops with one UserError line naming `fragments`, before any setup or model."""
+    train_net.record.calls.clear()
+    with pytest.raises(train_net.UserError) as error:
+        train_net.main(args)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    names = [call[0] for call in train_net.record.calls]
+    assert names == ["merge_from_file", "merge_from_list", "freeze"], names  # nothing set up or built
+    return message
+
+
+def test_train_net_requires_weights_for_moco_configs(train_net, in_tmp):
+    _refused(train_net, _args(opts=()), "MODEL.WEIGHTS is not set", "convert-pretrain-to-detectron2.py")
+    _refused(train_net, _args(eval_only=True, opts=()), "MODEL.WEIGHTS is not set")
+
+
+def test_train_net_resume_in_fresh_output_dir(train_net, in_tmp):
+    """--resume with nothing to resume: detectron2 would assert 'Checkpoint See Instructions not found!'."""
+    for eval_only in (False, True):
+        message = _refused(train_net, _args(eval_only=eval_only, resume=True, opts=("OUTPUT_DIR", "fresh")),
+                           "--resume", "'fresh'", "no checkpoint to resume", "MODEL.WEIGHTS")
+        assert "See Instructions" not in message
+        assert not (in_tmp / "fresh").exists()
+    # With weights given, a fresh OUTPUT_DIR starts a new run from them (detectron2's behaviour).
+    train_net.record.calls.clear()
+    assert train_net.main(_args(resume=True)) == "trained"
+
+
+def test_train_net_resume_from_last_checkpoint(train_net, in_tmp):
+    (in_tmp / "out").mkdir()
+    (in_tmp / "out" / "model_0000019.pth").write_bytes(b"checkpoint")
+    (in_tmp / "out" / "last_checkpoint").write_text("model_0000019.pth")
+    cfg = types.SimpleNamespace(OUTPUT_DIR="out", MODEL=types.SimpleNamespace(WEIGHTS="See Instructions"))
+    assert train_net.weights_to_load(cfg, resume=True) == os.path.join("out", "model_0000019.pth")
+    train_net.record.calls.clear()
+    assert train_net.main(_args(resume=True, opts=())) == "trained"
+    # The checkpoint that last_checkpoint names is gone: say which, instead of an assertion.
+    (in_tmp / "out" / "model_0000019.pth").unlink()
+    _refused(train_net, _args(resume=True, opts=()), "last_checkpoint", "'model_0000019.pth'", "not in 'out'")
+
+
+def test_train_net_refuses_missing_weights_file(train_net, in_tmp):
+    _refused(train_net, _args(opts=("MODEL.WEIGHTS", "./nope.pkl")), "MODEL.WEIGHTS './nope.pkl' does not exist")
+    _refused(train_net, _args(opts=("MODEL.WEIGHTS", str(in_tmp))), "is not a file")
+    cfg = types.SimpleNamespace(OUTPUT_DIR="out", MODEL=types.SimpleNamespace(WEIGHTS=""))
+    assert train_net.weights_to_load(cfg, resume=False) == ""  # no weights: detectron2's initialisation
+    cfg.MODEL.WEIGHTS = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"  # fetched by detectron2
+    assert train_net.weights_to_load(cfg, resume=True) == cfg.MODEL.WEIGHTS
 
 
 # ---------------------------------------------------------------------------------------------------
