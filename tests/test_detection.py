@@ -902,6 +902,69 @@ def test_smoke_test_configs_are_the_five():
     assert {data for _, data in smoke.RUNS.values()} == {"voc", "coco"}
 
 
+def test_smoke_check_results_requires_finite_ap():
+    """NaN (COCO's "nothing to evaluate"), a missing metric or an empty evaluation is not a result."""
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    smoke.check_results({"bbox": {"AP": 0.0, "AP50": 0.0, "AP75": 0.0},
+                         "segm": {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": float("nan")}}, "ok")
+    for results, fragment in [
+        ({"bbox": {"AP": float("nan"), "AP50": 1.0, "AP75": 1.0}}, "bbox AP is nan"),
+        ({"bbox": {"AP": 1.0, "AP50": float("inf"), "AP75": 1.0}}, "bbox AP50 is inf"),
+        ({"bbox": {"AP": 1.0, "AP50": 1.0}}, "bbox AP75 is None"),
+        ({"bbox": {"AP": 1.0, "AP50": 1.0, "AP75": 100.5}}, "bbox AP75 is 100.5"),
+        ({"bbox": {"AP": 1.0, "AP50": 1.0, "AP75": 1.0}, "segm": {"AP": -1.0, "AP50": 1.0, "AP75": 1.0}},
+         "segm AP is -1.0"),
+        ({}, "no results"),
+    ]:
+        with pytest.raises(smoke.UserError, match=re.escape(fragment)):
+            smoke.check_results(results, "probe")
+
+
+def test_smoke_checks_loaded_count_and_drift():
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    assert smoke.RESNET50_TENSORS == 318 == LOADED["main_moco"] == LOADED["released"]
+    smoke.check_loaded_count(318, "ok")
+    for count in (0, 317, 320):
+        with pytest.raises(smoke.UserError, match=f"{count} converted tensors loaded, expected the 318"):
+            smoke.check_loaded_count(count, "probe")
+    smoke.check_drift(1e-3, 20, "ok")
+    smoke.check_drift(0.08, 40, "ok")  # the bound grows with the schedule
+    for drift, iters in ((0.0, 20), (float("nan"), 20), (0.05, 20), (0.3, 20), (0.12, 40)):
+        with pytest.raises(smoke.UserError, match="relative drift"):
+            smoke.check_drift(drift, iters, "probe")
+
+
+def _converted_file(tmp_path, v1, converter, smoke, drop=()):
+    """v1 converted (in this process), less the tensors named in `drop`; returns its path and the model
+    state_dict a detector would hold after loading all of v1."""
+    data = converter.convert(torch.load(v1[0], weights_only=True))
+    state = {smoke.model_tensor_name(k): torch.from_numpy(v) for k, v in data["model"].items()
+             if not k.startswith("stem.fc.")}
+    state["roi_heads.res5.norm.weight"] = torch.ones(2048)  # the extra norm: not from the file
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(21, 2048)
+    for name in drop:
+        del data["model"][name]
+    path = tmp_path / "converted.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return path, state
+
+
+def test_count_converted_checks_both_directions(converter, v1, tmp_path):
+    """Every converted tensor is in the model unchanged, and every backbone tensor got one."""
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    path, state = _converted_file(tmp_path, v1, converter, smoke)
+    assert len(smoke.backbone_tensor_names(state)) == 318
+    assert smoke.count_converted(state, path, "probe") == 318
+    path, state = _converted_file(tmp_path, v1, converter, smoke, drop=["res4.2.conv2.weight"])
+    with pytest.raises(smoke.UserError, match=r"1 of the model's 318 backbone tensors got no converted "
+                                              r"tensor .* the first backbone.res4.2.conv2.weight"):
+        smoke.count_converted(state, path, "probe")
+    path, state = _converted_file(tmp_path, v1, converter, smoke, drop=["res5.0.shortcut.norm.running_var"])
+    with pytest.raises(smoke.UserError, match="the first roi_heads.res5.0.shortcut.norm.running_var"):
+        smoke.count_converted(state, path, "probe")
+
+
 @needs_detectron2
 def test_detectron2_loads_the_converted_weights(smoke, d2_work):
     """Every converted backbone and res5 tensor lands unchanged in the detector, for both checkpoints and
