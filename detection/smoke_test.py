@@ -11,16 +11,21 @@ In a scratch folder (--work-dir, else a temporary one that is removed afterwards
 2. converts both with convert-pretrain-to-detectron2.py;
 3. writes a tiny data set in the Pascal VOC layout (VOC2007/) and one in the COCO json layout (coco/),
    under the names detectron2 gives its built-in data sets (voc_2007_trainval/test, coco_2017_train/val);
-4. for each config: builds its model and loads the converted weights in this process, and checks that
-   every backbone and res5 tensor equals the converted one; then runs train_net.py for --iters iterations
-   and its evaluation, then `--eval-only` on the final model, and prints the AP figures.
+4. checks that train_net.py's evaluation can score: fed known detections (the ground truth, boxes of the
+   wrong class, the ground truth less one class of 20) on a VOC and a COCO data set, its evaluator must
+   give exactly 100, 0 and 95 (see `check_evaluator`);
+5. for each config: builds its model and loads the converted weights in this process, and checks that
+   every converted backbone and res5 tensor is in the model unchanged and that every one of the model's
+   318 ResNet-50 tensors got one; then runs train_net.py for --iters iterations and its evaluation, then
+   `--eval-only` on the final model, checks that every AP is a finite number and that training moved the
+   backbone a little but not far (see `check_drift`), and prints the AP figures.
 
 The configs are overridden only where a CPU and a tiny data set need it (see `cpu_overrides`): the
 device, 2 images per batch with the learning rate scaled linearly, the schedule, the image size, the
 number of regions per image, and the number of Precise-BN batches. The supervised configs name
 detectron2's ImageNet weights, which are downloaded; here MODEL.WEIGHTS points at a converted file
-instead, so no network is needed. AP is near zero after so few iterations on such data: the check is
-that the pipeline runs, loads the converted weights and evaluates. Exit status 0 when every check passes.
+instead, so no network is needed. AP is near zero after so few iterations on such data: step 4 is what
+shows that the evaluation would count correct detections. Exit status 0 when every check passes.
 """
 import argparse
 import json

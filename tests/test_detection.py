@@ -2,6 +2,7 @@
 import argparse
 import ast
 import importlib.util
+import math
 import os
 import pickle
 import re
@@ -985,6 +986,60 @@ def test_detectron2_loads_the_converted_weights(smoke, d2_work):
 
 
 @needs_detectron2
+def test_detectron2_backbone_tensor_without_converted_one(smoke, d2_work, tmp_path):
+    """The detector's own state: a converted file lacking one backbone tensor is caught, though every
+    tensor it does hold is in the model unchanged."""
+    config, weights = "pascal_voc_R_50_C4_24k_moco.yaml", d2_work["main_moco"]
+    state = smoke.loaded_state(config, weights)
+    assert len(smoke.backbone_tensor_names(state)) == LOADED["main_moco"]
+    with open(weights, "rb") as f:
+        data = pickle.load(f)
+    del data["model"]["res3.1.conv1.norm.running_mean"]
+    partial = tmp_path / "partial.pkl"
+    with open(partial, "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(smoke.UserError, match="the first backbone.res3.1.conv1.norm.running_mean"):
+        smoke.count_converted(state, partial, config)
+
+
+@needs_detectron2
+def test_detectron2_evaluator_scores_known_detections(smoke, tmp_path):
+    """train_net.py's evaluation (Trainer.test: its test loader, evaluator and inference loop), fed the
+    ground truth, scores 100; boxes of the wrong class score 0; missing one class of 20 scores 95. VOC
+    (07 11-point metric) and COCO (boxes and masks)."""
+    scores = smoke.check_evaluator(tmp_path)
+    expected = {"ground truth": 100.0, "wrong class": 0.0, "class 0 missed": 95.0}
+    assert set(scores) == {"voc", "coco"}
+    for dataset, tasks in (("voc", {"bbox"}), ("coco", {"bbox", "segm"})):
+        assert set(scores[dataset]) == set(expected)
+        for case, value in expected.items():
+            results = scores[dataset][case]
+            assert set(results) == tasks, (dataset, case, results)
+            for metrics in results.values():
+                for name in ("AP", "AP50", "AP75"):
+                    assert math.isfinite(metrics[name]), (dataset, case, metrics)
+                    assert metrics[name] == pytest.approx(value, abs=1e-6), (dataset, case, metrics)
+
+
+@needs_detectron2
+def test_detectron2_train_net_resume_in_fresh_output_dir(tmp_path):
+    """The real script: --resume with no checkpoint and no weights is one line, exit 2, no folder made."""
+    out = tmp_path / "fresh"
+    result = subprocess.run(
+        [sys.executable, str(DETECTION / "train_net.py"), "--config-file",
+         "configs/pascal_voc_R_50_C4_24k_moco.yaml", "--resume", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)],
+        cwd=DETECTION, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "AssertionError" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"train_net.py: error: --resume: OUTPUT_DIR '{out}' holds no checkpoint"), lines
+    assert not out.exists()
+
+
+@needs_detectron2
 @pytest.mark.parametrize("config", sorted(TASKS))
 def test_detectron2_trains_and_evaluates(config, smoke, d2_work, tmp_path):
     """train_net.py: SMOKE_ITERS CPU iterations from the converted weights, its evaluation, --eval-only."""
@@ -1004,7 +1059,7 @@ def test_detectron2_trains_and_evaluates(config, smoke, d2_work, tmp_path):
             # Not NaN: there were detections to evaluate. (COCO's APs/APm/APl are NaN for a size range
             # without objects: the generated boxes are never large.)
             for name in ("AP", "AP50", "AP75"):
-                assert 0.0 <= metrics[name] <= 100.0, metrics
+                assert math.isfinite(metrics[name]) and 0.0 <= metrics[name] <= 100.0, metrics
     # Training moved the converted backbone, but only a little: a random or ImageNet start would be far.
     assert 0.0 < report["drift"] < 0.05
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
