@@ -17,8 +17,9 @@ names become detectron2 names:
     fc.weight (v1), fc.0/fc.2 (v2 MLP) -> stem.fc.*  (detectron2 ignores these)
 
 OUTPUT is a pickle `{"model": {name: numpy array}, "__author__": "MOCO", "matching_heuristics": True}`
-for detectron2's `MODEL.WEIGHTS`. Anything that is not a MoCo checkpoint of a ResNet is refused with one
-line on stderr and exit status 2; OUTPUT is then left as it was.
+for detectron2's `MODEL.WEIGHTS`. Anything that is not a MoCo checkpoint of a ResNet, or whose encoder holds
+a NaN or infinite value (a pre-training run that diverged), is refused with one line on stderr and exit
+status 2; OUTPUT is then left as it was.
 """
 import os
 import pickle
@@ -79,7 +80,27 @@ def encoder_state(checkpoint, path):
     bad = [k for k, v in encoder.items() if not torch.is_tensor(v)]
     if bad:
         raise UserError(f"{path!r}: encoder entry {bad[0]!r} is not a tensor")
+    check_finite(encoder, path)
     return encoder
+
+
+def check_finite(encoder, path):
+    """Refuse an encoder with a NaN or infinite value anywhere, naming the first such tensor.
+
+    Such weights come from a pre-training run that diverged; detectron2 would load them without a word and
+    fine-tune to a NaN loss or a meaningless AP hours later. The projection head (fc) is checked too: it is
+    not used for detection, but a non-finite head means the whole run diverged.
+    """
+    for name, tensor in encoder.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue  # integer buffers (num_batches_tracked) cannot hold NaN or inf
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            count = int((~finite).sum())
+            raise UserError(
+                f"{path!r}: encoder tensor {name!r} holds {count} NaN or infinite value(s) of {tensor.numel()} "
+                "(the pre-training diverged?); refusing to convert it"
+            )
 
 
 def detectron2_name(name):

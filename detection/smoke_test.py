@@ -11,16 +11,21 @@ In a scratch folder (--work-dir, else a temporary one that is removed afterwards
 2. converts both with convert-pretrain-to-detectron2.py;
 3. writes a tiny data set in the Pascal VOC layout (VOC2007/) and one in the COCO json layout (coco/),
    under the names detectron2 gives its built-in data sets (voc_2007_trainval/test, coco_2017_train/val);
-4. for each config: builds its model and loads the converted weights in this process, and checks that
-   every backbone and res5 tensor equals the converted one; then runs train_net.py for --iters iterations
-   and its evaluation, then `--eval-only` on the final model, and prints the AP figures.
+4. checks that train_net.py's evaluation can score: fed known detections (the ground truth, boxes of the
+   wrong class, the ground truth less one class of 20) on a VOC and a COCO data set, its evaluator must
+   give exactly 100, 0 and 95 (see `check_evaluator`);
+5. for each config: builds its model and loads the converted weights in this process, and checks that
+   every converted backbone and res5 tensor is in the model unchanged and that every one of the model's
+   318 ResNet-50 tensors got one; then runs train_net.py for --iters iterations and its evaluation, then
+   `--eval-only` on the final model, checks that every AP is a finite number and that training moved the
+   backbone a little but not far (see `check_drift`), and prints the AP figures.
 
 The configs are overridden only where a CPU and a tiny data set need it (see `cpu_overrides`): the
 device, 2 images per batch with the learning rate scaled linearly, the schedule, the image size, the
 number of regions per image, and the number of Precise-BN batches. The supervised configs name
 detectron2's ImageNet weights, which are downloaded; here MODEL.WEIGHTS points at a converted file
-instead, so no network is needed. AP is near zero after so few iterations on such data: the check is
-that the pipeline runs, loads the converted weights and evaluates. Exit status 0 when every check passes.
+instead, so no network is needed. AP is near zero after so few iterations on such data: step 4 is what
+shows that the evaluation would count correct detections. Exit status 0 when every check passes.
 """
 import argparse
 import json
@@ -64,6 +69,15 @@ DATASETS = {
 IMAGE_SIZE = (96, 128)  # height, width of the generated detection images
 IMS_PER_BATCH = 2
 REFERENCE_BATCH, REFERENCE_LR = 16, 0.02  # Base-RCNN-C4-BN.yaml
+# The ResNet-50 tensors an R50-C4 detector takes from the converted file (backbone stem..res4, and res5
+# in the ROI head): 53 convolutions, and 53 BN layers with 5 tensors each.
+RESNET50_TENSORS = 53 + 53 * 5
+# Training may move the converted backbone only a little in a smoke run: ||w - w0|| / ||w0|| of the
+# convolutions stays far below this after DRIFT_ITERS iterations (the bound grows with longer runs). A
+# random or ImageNet start would be at distance ~1; 0 would mean the backbone was not trained at all.
+DRIFT_BOUND, DRIFT_ITERS = 0.05, 20
+# The evaluator check (`check_evaluator`): a data set in which each of EVAL_CLASSES classes appears once.
+EVAL_CLASSES = 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,18 +118,44 @@ def draw_scene(rng, n_classes, size=IMAGE_SIZE):
     return image, objects
 
 
-def write_voc(root, class_names, n_images=4, seed=0, used_classes=2):
+def tiled_scenes(n_classes, size=IMAGE_SIZE, seed=0):
+    """Scenes in which every class appears exactly once and no two objects overlap.
+
+    Two objects per image, one in each half, so that a box given the wrong class can never match another
+    object (its IoU with every other object is 0): what an evaluator must score is then known exactly.
+    Returns [(image, [(class_index, (x0, y0, x1, y1)), ...]), ...].
+    """
+    height, width = size
+    half = width // 2
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for first in range(0, n_classes, 2):
+        image = _noise_image(rng, height, width)
+        draw = ImageDraw.Draw(image)
+        objects = []
+        for cls, left in zip(range(first, min(first + 2, n_classes)), (0, half)):
+            x0, y0, x1, y1 = _boxes(rng, height, half, 1)[0]
+            box = (left + x0, y0, left + x1, y1)
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(255, 255, 255))
+            objects.append((cls, box))
+        scenes.append((image, objects))
+    return scenes
+
+
+def write_voc(root, class_names, n_images=4, seed=0, used_classes=2, scenes=None):
     """A VOC2007 folder under `root`: JPEGImages/, Annotations/ (VOC XML), ImageSets/Main/{trainval,test}.txt.
 
-    The test split lists the same images as trainval. Objects belong to the first `used_classes` classes.
+    The test split lists the same images as trainval. The images are `scenes` (see `tiled_scenes`) when
+    given, else `n_images` random ones whose objects belong to the first `used_classes` classes.
     """
     voc = Path(root, "VOC2007")
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    ids = [f"{i:06d}" for i in range(n_images)]
-    for image_id in ids:
-        image, objects = draw_scene(rng, used_classes)
+    if scenes is None:
+        scenes = [draw_scene(rng, used_classes) for _ in range(n_images)]
+    ids = [f"{i:06d}" for i in range(len(scenes))]
+    for image_id, (image, objects) in zip(ids, scenes):
         image.save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
         xml_objects = "".join(
             f"<object><name>{class_names[cls]}</name><pose>Unspecified</pose><truncated>0</truncated>"
@@ -133,11 +173,12 @@ def write_voc(root, class_names, n_images=4, seed=0, used_classes=2):
     return voc
 
 
-def write_coco(root, categories, n_images=4, seed=0, used_classes=2):
+def write_coco(root, categories, n_images=4, seed=0, used_classes=2, scenes=None):
     """A coco/ folder under `root`: train2017/, val2017/ and annotations/instances_{train,val}2017.json.
 
     `categories` is the list of {"id", "name"} the json declares (all of them, as in COCO); objects use the
-    first `used_classes`. Each object has its box and its rectangle as a polygon (for Mask R-CNN).
+    first `used_classes`, or both splits hold `scenes` (see `tiled_scenes`) when given. Each object has its
+    box and its rectangle as a polygon (for Mask R-CNN).
     """
     coco = Path(root, "coco")
     (coco / "annotations").mkdir(parents=True, exist_ok=True)
@@ -145,8 +186,8 @@ def write_coco(root, categories, n_images=4, seed=0, used_classes=2):
         (coco / split).mkdir(exist_ok=True)
         rng = np.random.default_rng([seed, split_index])
         images, annotations = [], []
-        for i in range(n_images):
-            image, objects = draw_scene(rng, used_classes)
+        split_scenes = scenes or [draw_scene(rng, used_classes) for _ in range(n_images)]
+        for i, (image, objects) in enumerate(split_scenes):
             name = f"{i + 1:012d}.jpg"
             image.save(coco / split / name, quality=95)
             images.append({"id": i + 1, "file_name": name, "height": image.height, "width": image.width})
@@ -314,13 +355,24 @@ def loaded_state(config, weights, opts=()):
     return model.state_dict()
 
 
+def backbone_tensor_names(state):
+    """The detector's tensors that must come from the converted file: the backbone's, and the res5
+    stage's in the ROI head, less the extra norm after res5 (new: the converted file has none)."""
+    return {
+        name for name in state
+        if name.startswith("backbone.")
+        or (name.startswith("roi_heads.res5.") and not name.startswith("roi_heads.res5.norm."))
+    }
+
+
 def count_converted(state, weights, what):
     """The number of tensors of the converted file `weights` that `state` holds unchanged.
 
-    Raises UserError naming the first one that is missing or differs. The projection head (stem.fc.*) has no
-    place in the detector and is skipped.
+    Checks both ways: every converted tensor is in the model unchanged, and every backbone tensor of the
+    model (see `backbone_tensor_names`) got one; raises UserError naming the first that fails. The
+    projection head (stem.fc.*) has no place in the detector and is skipped.
     """
-    matched = 0
+    matched, loaded = 0, set()
     for name, value in read_weights(weights).items():
         if name.startswith("stem.fc."):
             continue
@@ -330,6 +382,14 @@ def count_converted(state, weights, what):
         if not np.array_equal(state[target].cpu().numpy(), value):
             raise UserError(f"{what}: {target} is not the converted {name} of {weights}")
         matched += 1
+        loaded.add(target)
+    # The other way round: a backbone tensor with no converted counterpart keeps detectron2's random
+    # initialisation without a word (only a log line among hundreds), and the transfer is not MoCo's.
+    expected = backbone_tensor_names(state)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise UserError(f"{what}: {len(missing)} of the model's {len(expected)} backbone tensors got no "
+                        f"converted tensor from {weights}, the first {missing[0]}")
     return matched
 
 
@@ -370,6 +430,34 @@ def backbone_drift(final_path, weights):
     return math.sqrt(num / den)
 
 
+def check_results(results, what):
+    """Every evaluation gave a finite AP, AP50 and AP75 between 0 and 100 (COCO gives NaN when there is
+    nothing to evaluate; that must not pass as a result)."""
+    if not results:
+        raise UserError(f"{what}: the evaluation gave no results")
+    for task, metrics in results.items():
+        for name in ("AP", "AP50", "AP75"):
+            value = metrics.get(name)
+            # (A perfect VOC07 score sums 11 elevenths: 100 give or take the last bit.)
+            if value is None or not math.isfinite(value) or not -1e-9 <= value <= 100.0 + 1e-9:
+                raise UserError(f"{what}: {task} {name} is {value}, not a number from 0 to 100: {metrics}")
+
+
+def check_drift(drift, iters, what):
+    """The trained backbone moved from the converted weights, but only a little (see DRIFT_BOUND)."""
+    bound = DRIFT_BOUND * max(1.0, iters / DRIFT_ITERS)
+    if not (math.isfinite(drift) and 0.0 < drift < bound):
+        raise UserError(f"{what}: the backbone's relative drift from the converted weights is {drift:.3g} "
+                        f"after {iters} iterations, outside (0, {bound:g})")
+
+
+def check_loaded_count(loaded, what):
+    """All RESNET50_TENSORS tensors of the detector's ResNet-50 came from the converted file."""
+    if loaded != RESNET50_TENSORS:
+        raise UserError(f"{what}: {loaded} converted tensors loaded, expected the {RESNET50_TENSORS} of a "
+                        "ResNet-50 backbone and res5")
+
+
 def run_config(config, weights, datasets_root, out, iters, eval_only=True):
     """Load check, training with its evaluation, and (eval_only) --eval-only of the final model, for one
     config; returns a dict of what was measured."""
@@ -377,6 +465,7 @@ def run_config(config, weights, datasets_root, out, iters, eval_only=True):
     overrides = config_overrides(config, dataset, weights, iters, out)
     report = {"config": config, "checkpoint": checkpoint_kind, "dataset": dataset}
     report["loaded"] = check_loaded(config, weights)
+    check_loaded_count(report["loaded"], config)
     started = time.time()
     log = train_net(["--config-file", f"configs/{config}", *overrides], datasets_root)
     report["train_s"] = time.time() - started
@@ -387,15 +476,120 @@ def run_config(config, weights, datasets_root, out, iters, eval_only=True):
     if not final.is_file():
         raise UserError(f"{config}: train_net.py wrote no {final}")
     report["drift"] = backbone_drift(final, weights)
+    check_drift(report["drift"], iters, config)
     report["eval_only_results"] = None
     if eval_only:
         log = train_net(["--config-file", f"configs/{config}", "--eval-only",
                          *overrides[:-2], "MODEL.WEIGHTS", str(final)], datasets_root)
         report["eval_only_results"] = parse_results(log)
     for key in ("results", "eval_only_results")[:1 + eval_only]:
-        if not report[key] or not all("AP" in metrics for metrics in report[key].values()):
-            raise UserError(f"{config}: no AP in the evaluation ({key}): {report[key]}")
+        check_results(report[key], f"{config} ({key})")
     return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# the evaluator: scores that are known exactly
+
+
+class OracleModel(torch.nn.Module):
+    """Stands in for a detector at test time: returns each image's ground-truth objects as detections
+    (score 1, masks from the ground-truth polygons where there are any), with the class changed by
+    `relabel` (class index -> class index, or None: the object is not detected)."""
+
+    def __init__(self, dataset_name, relabel):
+        super().__init__()
+        from detectron2.data import DatasetCatalog
+
+        self.truth = {record["image_id"]: record for record in DatasetCatalog.get(dataset_name)}
+        self.relabel = relabel
+
+    def forward(self, batched_inputs):
+        return [{"instances": self.detections(image)} for image in batched_inputs]
+
+    def detections(self, image):
+        from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
+
+        height, width = image["height"], image["width"]
+        objects = []
+        for annotation in self.truth[image["image_id"]]["annotations"]:
+            cls = self.relabel(annotation["category_id"])
+            if cls is not None:
+                objects.append((cls, annotation))
+        boxes = [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for _, a in objects]
+        found = Instances((height, width))
+        found.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        found.scores = torch.ones(len(objects))
+        found.pred_classes = torch.tensor([cls for cls, _ in objects], dtype=torch.int64)
+        if objects and all("segmentation" in a for _, a in objects):
+            masks = [polygons_to_bitmask([np.asarray(p, dtype=np.float64) for p in a["segmentation"]],
+                                         height, width) for _, a in objects]
+            found.pred_masks = torch.from_numpy(np.stack(masks))
+        return found
+
+
+# What the evaluator must give for each kind of detections, when each of EVAL_CLASSES classes appears
+# once and no two objects overlap: AP, AP50 and AP75 alike, for boxes and masks, and for the VOC07
+# 11-point metric as for COCO's (an AP is the mean over the classes with ground truth).
+EVAL_CASES = {
+    "ground truth": (lambda cls: cls, 100.0),
+    "wrong class": (lambda cls: (cls + 1) % EVAL_CLASSES, 0.0),
+    "class 0 missed": (lambda cls: None if cls == 0 else cls, 100.0 * (EVAL_CLASSES - 1) / EVAL_CLASSES),
+}
+EVAL_CONFIGS = {"voc": "pascal_voc_R_50_C4_24k_moco.yaml", "coco": "coco_R_50_C4_2x_moco.yaml"}
+_registered = iter(range(1, 1 << 30))  # a fresh data set name for each check in one process
+
+
+def register_eval_datasets(root):
+    """Write a VOC and a COCO data set of `tiled_scenes` under `root` and register each under a new name
+    that train_net.py maps to its evaluator ('voc' or 'coco' in it); returns {"voc": name, "coco": name}."""
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.data.datasets.pascal_voc import register_pascal_voc
+
+    voc_classes, categories = builtin_classes()
+    scenes = tiled_scenes(EVAL_CLASSES)
+    voc = write_voc(root, voc_classes[:EVAL_CLASSES], scenes=scenes)
+    coco = write_coco(root, categories, scenes=scenes)
+    n = next(_registered)
+    names = {"voc": f"voc_2007_test_evaluator_check{n}", "coco": f"coco_2017_val_evaluator_check{n}"}
+    register_pascal_voc(names["voc"], str(voc), "test", 2007, voc_classes[:EVAL_CLASSES])
+    register_coco_instances(names["coco"], {}, str(coco / "annotations" / "instances_val2017.json"),
+                            str(coco / "val2017"))
+    return names
+
+
+def evaluate_oracle(config, dataset_name, relabel, out):
+    """train_net.py's evaluation (its Trainer.test: test loader, evaluator, inference) of an OracleModel."""
+    from detectron2.config import get_cfg
+
+    trainer = _register_train_net().Trainer
+    cfg = get_cfg()
+    cfg.merge_from_file(str(CONFIGS / config))
+    cfg.merge_from_list([*cpu_overrides(1, out), "DATASETS.TEST", f"('{dataset_name}',)"])
+    return trainer.test(cfg, OracleModel(dataset_name, relabel))
+
+
+def check_evaluator(work):
+    """Feed train_net.py's VOC and COCO evaluation the ground truth, boxes of the wrong class, and the
+    ground truth less one class (EVAL_CASES); returns {dataset: {case: results}}.
+
+    Raises UserError unless every AP, AP50 and AP75 is the known value: an evaluator that could never count
+    a correct detection, or counted a wrong one, would otherwise pass unseen (smoke runs score near 0).
+    """
+    names = register_eval_datasets(Path(work, "evaluator_check"))
+    scores = {}
+    for dataset, name in names.items():
+        scores[dataset] = {}
+        for case, (relabel, expected) in EVAL_CASES.items():
+            out = Path(work, "evaluator_check", "runs", f"{dataset}-{case.replace(' ', '_')}")
+            results = evaluate_oracle(EVAL_CONFIGS[dataset], name, relabel, out)
+            what = f"evaluator check, {dataset} {case}"
+            check_results(results, what)
+            for task, metrics in results.items():
+                for metric in ("AP", "AP50", "AP75"):
+                    if abs(metrics[metric] - expected) > 1e-6:
+                        raise UserError(f"{what}: {task} {metric} is {metrics[metric]}, expected {expected}")
+            scores[dataset][case] = results
+    return scores
 
 
 def prepare(work):
@@ -456,6 +650,10 @@ def main(argv):
         paths = prepare(work)
         for line in paths["lines"]:
             print(line, flush=True)
+        scores = check_evaluator(work)
+        print("evaluator check (train_net.py's evaluation of known detections): " + "; ".join(
+            f"{dataset} {case}: {format_results(results)}"
+            for dataset, cases in scores.items() for case, results in cases.items()), flush=True)
         for config in configs:
             report = run_config(config, paths[RUNS[config][0]], paths["datasets"],
                                 work / "runs" / config.replace(".yaml", ""), args.iters)

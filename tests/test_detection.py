@@ -2,6 +2,7 @@
 import argparse
 import ast
 import importlib.util
+import math
 import os
 import pickle
 import re
@@ -375,6 +376,50 @@ def test_resnet18_converts(converter):
     np.testing.assert_array_equal(model["res3.0.shortcut.norm.bias"], q["layer2.0.downsample.1.bias"].numpy())
 
 
+def _resnet18_checkpoint_with(name, value, index=(0, 0, 0, 0)):
+    """A ResNet-18 MoCo checkpoint whose query-encoder tensor `name` holds `value` at `index`."""
+    q = _distinct(torchvision.models.resnet18(num_classes=128).state_dict(), 9)
+    q[name][index] = value
+    checkpoint = _moco_checkpoint(q, _distinct(q, 10))
+    checkpoint["arch"] = "resnet18"
+    return checkpoint
+
+
+def test_refuses_nan_weights_as_command(tmp_path):
+    """A diverged pre-training (NaN weights) is refused by name, not passed on to detectron2."""
+    src = tmp_path / "input.pth.tar"
+    torch.save(_resnet18_checkpoint_with("layer3.1.conv2.weight", float("nan")), src)
+    out = tmp_path / "output.pkl"
+    _assert_refused(_run_converter(src, out), "'layer3.1.conv2.weight'", "NaN or infinite", "1 ")
+    assert sorted(os.listdir(tmp_path)) == ["input.pth.tar"]  # no output, no temporary file
+
+
+@pytest.mark.parametrize("name,value,index", [
+    ("bn1.running_var", float("inf"), (5,)),
+    ("layer4.1.bn2.bias", -float("inf"), (0,)),
+    ("fc.weight", float("nan"), (3, 7)),  # the projection head: unused, but its run diverged
+])
+def test_refuses_non_finite_weights(name, value, index, converter, tmp_path, capsys):
+    src = tmp_path / "input.pth.tar"
+    torch.save(_resnet18_checkpoint_with(name, value, index), src)
+    out = tmp_path / "output.pkl"
+    out.write_bytes(b"keep me")
+    _refuse_in_process(converter, capsys, [src, out], f"encoder tensor {name!r}", "NaN or infinite")
+    assert out.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["input.pth.tar", "output.pkl"]
+
+
+def test_non_finite_key_encoder_is_not_refused(converter):
+    """Only what is converted is checked: NaN in encoder_k (dropped) does not block a good encoder_q."""
+    q = _distinct(torchvision.models.resnet18(num_classes=128).state_dict(), 11)
+    k = _distinct(q, 12)
+    k["conv1.weight"][0, 0, 0, 0] = float("nan")
+    checkpoint = _moco_checkpoint(q, k)
+    checkpoint["arch"] = "resnet18"
+    model = converter.convert(checkpoint)["model"]
+    np.testing.assert_array_equal(model["stem.conv1.weight"], q["conv1.weight"].numpy())
+
+
 # ---------------------------------------------------------------------------------------------------
 # configs: a small reader for the YAML subset they use, with yacs's value decoding
 
@@ -614,6 +659,8 @@ def _fake_detectron2(record, plain_parent):
             for key, value in zip(opts[::2], opts[1::2]):
                 if key == "MODEL.WEIGHTS":
                     self.MODEL.WEIGHTS = value
+                if key == "OUTPUT_DIR":
+                    self.OUTPUT_DIR = value
 
         def freeze(self):
             record("freeze")
@@ -693,7 +740,15 @@ def _args(eval_only=False, resume=False, opts=("MODEL.WEIGHTS", "./output.pkl"))
                               resume=resume, opts=list(opts), num_gpus=1)
 
 
-def test_train_net_main_trains(train_net):
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder holding ./output.pkl (the converted weights the commands name)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output.pkl").write_bytes(b"weights")
+    return tmp_path
+
+
+def test_train_net_main_trains(train_net, in_tmp):
     for resume in (False, True):
         train_net.record.calls.clear()
         assert train_net.main(_args(resume=resume)) == "trained"
@@ -705,7 +760,7 @@ def test_train_net_main_trains(train_net):
         assert ("trainer.resume_or_load", resume) in train_net.record.calls
 
 
-def test_train_net_main_eval_only(train_net):
+def test_train_net_main_eval_only(train_net, in_tmp):
     for resume in (False, True):
         train_net.record.calls.clear()
         assert train_net.main(_args(eval_only=True, resume=resume)) == {"bbox": {"AP50": 1.0}}
@@ -716,11 +771,57 @@ def test_train_net_main_eval_only(train_net):
         assert "train" not in [call[0] for call in calls]
 
 
-def test_train_net_requires_weights_for_moco_configs(train_net):
-    with pytest.raises(SystemExit) as exit_info:
-        train_net.main(_args(opts=()))
-    assert "MODEL.WEIGHTS" in str(exit_info.value.code)
-    assert "train" not in [call[0] for call in train_net.record.calls]
+def _refused(train_net, args, *fragments):
+    """main(args) stops with one UserError line naming `fragments`, before any setup or model."""
+    train_net.record.calls.clear()
+    with pytest.raises(train_net.UserError) as error:
+        train_net.main(args)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    names = [call[0] for call in train_net.record.calls]
+    assert names == ["merge_from_file", "merge_from_list", "freeze"], names  # nothing set up or built
+    return message
+
+
+def test_train_net_requires_weights_for_moco_configs(train_net, in_tmp):
+    _refused(train_net, _args(opts=()), "MODEL.WEIGHTS is not set", "convert-pretrain-to-detectron2.py")
+    _refused(train_net, _args(eval_only=True, opts=()), "MODEL.WEIGHTS is not set")
+
+
+def test_train_net_resume_in_fresh_output_dir(train_net, in_tmp):
+    """--resume with nothing to resume: detectron2 would assert 'Checkpoint See Instructions not found!'."""
+    for eval_only in (False, True):
+        message = _refused(train_net, _args(eval_only=eval_only, resume=True, opts=("OUTPUT_DIR", "fresh")),
+                           "--resume", "'fresh'", "no checkpoint to resume", "MODEL.WEIGHTS")
+        assert "See Instructions" not in message
+        assert not (in_tmp / "fresh").exists()
+    # With weights given, a fresh OUTPUT_DIR starts a new run from them (detectron2's behaviour).
+    train_net.record.calls.clear()
+    assert train_net.main(_args(resume=True)) == "trained"
+
+
+def test_train_net_resume_from_last_checkpoint(train_net, in_tmp):
+    (in_tmp / "out").mkdir()
+    (in_tmp / "out" / "model_0000019.pth").write_bytes(b"checkpoint")
+    (in_tmp / "out" / "last_checkpoint").write_text("model_0000019.pth")
+    cfg = types.SimpleNamespace(OUTPUT_DIR="out", MODEL=types.SimpleNamespace(WEIGHTS="See Instructions"))
+    assert train_net.weights_to_load(cfg, resume=True) == os.path.join("out", "model_0000019.pth")
+    train_net.record.calls.clear()
+    assert train_net.main(_args(resume=True, opts=())) == "trained"
+    # The checkpoint that last_checkpoint names is gone: say which, instead of an assertion.
+    (in_tmp / "out" / "model_0000019.pth").unlink()
+    _refused(train_net, _args(resume=True, opts=()), "last_checkpoint", "'model_0000019.pth'", "not in 'out'")
+
+
+def test_train_net_refuses_missing_weights_file(train_net, in_tmp):
+    _refused(train_net, _args(opts=("MODEL.WEIGHTS", "./nope.pkl")), "MODEL.WEIGHTS './nope.pkl' does not exist")
+    _refused(train_net, _args(opts=("MODEL.WEIGHTS", str(in_tmp))), "is not a file")
+    cfg = types.SimpleNamespace(OUTPUT_DIR="out", MODEL=types.SimpleNamespace(WEIGHTS=""))
+    assert train_net.weights_to_load(cfg, resume=False) == ""  # no weights: detectron2's initialisation
+    cfg.MODEL.WEIGHTS = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"  # fetched by detectron2
+    assert train_net.weights_to_load(cfg, resume=True) == cfg.MODEL.WEIGHTS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -802,6 +903,73 @@ def test_smoke_test_configs_are_the_five():
     assert {data for _, data in smoke.RUNS.values()} == {"voc", "coco"}
 
 
+def test_smoke_check_results_requires_finite_ap():
+    """NaN (COCO's "nothing to evaluate"), a missing metric or an empty evaluation is not a result."""
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    smoke.check_results({"bbox": {"AP": 0.0, "AP50": 0.0, "AP75": 0.0},
+                         "segm": {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": float("nan")}}, "ok")
+    for results, fragment in [
+        ({"bbox": {"AP": float("nan"), "AP50": 1.0, "AP75": 1.0}}, "bbox AP is nan"),
+        ({"bbox": {"AP": 1.0, "AP50": float("inf"), "AP75": 1.0}}, "bbox AP50 is inf"),
+        ({"bbox": {"AP": 1.0, "AP50": 1.0}}, "bbox AP75 is None"),
+        ({"bbox": {"AP": 1.0, "AP50": 1.0, "AP75": 100.5}}, "bbox AP75 is 100.5"),
+        ({"bbox": {"AP": 1.0, "AP50": 1.0, "AP75": 1.0}, "segm": {"AP": -1.0, "AP50": 1.0, "AP75": 1.0}},
+         "segm AP is -1.0"),
+        ({}, "no results"),
+    ]:
+        with pytest.raises(smoke.UserError, match=re.escape(fragment)):
+            smoke.check_results(results, "probe")
+
+
+def test_smoke_checks_loaded_count():
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    assert smoke.RESNET50_TENSORS == 318 == LOADED["main_moco"] == LOADED["released"]
+    smoke.check_loaded_count(318, "ok")
+    for count in (0, 317, 320):
+        with pytest.raises(smoke.UserError, match=f"{count} converted tensors loaded, expected the 318"):
+            smoke.check_loaded_count(count, "probe")
+
+
+def test_smoke_checks_drift_bound():
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    smoke.check_drift(1e-3, 20, "ok")
+    smoke.check_drift(0.08, 40, "ok")  # the bound grows with the schedule
+    for drift, iters in ((0.0, 20), (float("nan"), 20), (0.05, 20), (0.3, 20), (0.12, 40)):
+        with pytest.raises(smoke.UserError, match="relative drift"):
+            smoke.check_drift(drift, iters, "probe")
+
+
+def _converted_file(tmp_path, v1, converter, smoke, drop=()):
+    """v1 converted (in this process), less the tensors named in `drop`; returns its path and the model
+    state_dict a detector would hold after loading all of v1."""
+    data = converter.convert(torch.load(v1[0], weights_only=True))
+    state = {smoke.model_tensor_name(k): torch.from_numpy(v) for k, v in data["model"].items()
+             if not k.startswith("stem.fc.")}
+    state["roi_heads.res5.norm.weight"] = torch.ones(2048)  # the extra norm: not from the file
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(21, 2048)
+    for name in drop:
+        del data["model"][name]
+    path = tmp_path / "converted.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return path, state
+
+
+def test_count_converted_checks_both_directions(converter, v1, tmp_path):
+    """Every converted tensor is in the model unchanged, and every backbone tensor got one."""
+    smoke = _load_script(SMOKE, "detection_smoke_test_checks")
+    path, state = _converted_file(tmp_path, v1, converter, smoke)
+    assert len(smoke.backbone_tensor_names(state)) == 318
+    assert smoke.count_converted(state, path, "probe") == 318
+    path, state = _converted_file(tmp_path, v1, converter, smoke, drop=["res4.2.conv2.weight"])
+    with pytest.raises(smoke.UserError, match=r"1 of the model's 318 backbone tensors got no converted "
+                                              r"tensor .* the first backbone.res4.2.conv2.weight"):
+        smoke.count_converted(state, path, "probe")
+    path, state = _converted_file(tmp_path, v1, converter, smoke, drop=["res5.0.shortcut.norm.running_var"])
+    with pytest.raises(smoke.UserError, match="the first roi_heads.res5.0.shortcut.norm.running_var"):
+        smoke.count_converted(state, path, "probe")
+
+
 @needs_detectron2
 def test_detectron2_loads_the_converted_weights(smoke, d2_work):
     """Every converted backbone and res5 tensor lands unchanged in the detector, for both checkpoints and
@@ -819,6 +987,62 @@ def test_detectron2_loads_the_converted_weights(smoke, d2_work):
     other = "released" if kind == "main_moco" else "main_moco"
     with pytest.raises(smoke.UserError, match="is not the converted"):
         smoke.count_converted(state, d2_work[other], config)
+
+
+@needs_detectron2
+def test_detectron2_backbone_tensor_without_converted_one(smoke, d2_work, tmp_path):
+    """The detector's own state: a converted file lacking one backbone tensor is caught, though every
+    tensor it does hold is in the model unchanged."""
+    config, weights = "pascal_voc_R_50_C4_24k_moco.yaml", d2_work["main_moco"]
+    state = smoke.loaded_state(config, weights)
+    assert len(smoke.backbone_tensor_names(state)) == LOADED["main_moco"]
+    with open(weights, "rb") as f:
+        data = pickle.load(f)
+    del data["model"]["res3.1.conv1.norm.running_mean"]
+    partial = tmp_path / "partial.pkl"
+    with open(partial, "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(smoke.UserError, match="the first backbone.res3.1.conv1.norm.running_mean"):
+        smoke.count_converted(state, partial, config)
+
+
+@needs_detectron2
+def test_detectron2_evaluator_scores_known_detections(smoke, tmp_path):
+    """train_net.py's evaluation (Trainer.test: its test loader, evaluator and inference loop), fed the
+    ground truth, scores 100; boxes of the wrong class score 0; missing one class of 20 scores 95. VOC
+    (07 11-point metric) and COCO (boxes and masks)."""
+    scores = smoke.check_evaluator(tmp_path)
+    expected = {"ground truth": 100.0, "wrong class": 0.0, "class 0 missed": 95.0}
+    assert set(scores) == {"voc", "coco"}
+    for dataset, tasks in (("voc", {"bbox"}), ("coco", {"bbox", "segm"})):
+        assert set(scores[dataset]) == set(expected)
+        for case, value in expected.items():
+            results = scores[dataset][case]
+            assert set(results) == tasks, (dataset, case, results)
+            for metrics in results.values():
+                for name in ("AP", "AP50", "AP75"):
+                    assert math.isfinite(metrics[name]), (dataset, case, metrics)
+                    assert metrics[name] == pytest.approx(value, abs=1e-6), (dataset, case, metrics)
+
+
+@needs_detectron2
+def test_detectron2_train_net_resume_in_fresh_output_dir(tmp_path):
+    """The real script: --resume with no checkpoint and no weights is one line, exit 2, no folder made."""
+    out = tmp_path / "fresh"
+    result = subprocess.run(
+        [sys.executable, str(DETECTION / "train_net.py"), "--config-file",
+         "configs/pascal_voc_R_50_C4_24k_moco.yaml", "--resume", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)],
+        cwd=DETECTION, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "AssertionError" not in result.stderr
+    # detectron2 logs to stderr too (its config's missing VERSION, torch's deprecation warnings): the
+    # refusal is the one error line, and the last.
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    assert errors[0].startswith(f"train_net.py: error: --resume: OUTPUT_DIR '{out}' holds no checkpoint")
+    assert not out.exists()
 
 
 @needs_detectron2
@@ -841,7 +1065,7 @@ def test_detectron2_trains_and_evaluates(config, smoke, d2_work, tmp_path):
             # Not NaN: there were detections to evaluate. (COCO's APs/APm/APl are NaN for a size range
             # without objects: the generated boxes are never large.)
             for name in ("AP", "AP50", "AP75"):
-                assert 0.0 <= metrics[name] <= 100.0, metrics
+                assert math.isfinite(metrics[name]) and 0.0 <= metrics[name] <= 100.0, metrics
     # Training moved the converted backbone, but only a little: a random or ImageNet start would be far.
     assert 0.0 < report["drift"] < 0.05
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
