@@ -209,7 +209,11 @@ def make_executor(submitit, launcher, job_dir, name):
         executor.update_parameters(timeout_min=launcher.timeout, tasks_per_node=tasks,
                                    gpus_per_node=launcher.ngpus, signal_delay_s=launcher.signal_delay)
         return executor
-    executor = submitit.SlurmExecutor(folder=job_dir, max_num_timeout=launcher.max_requeues)
+    try:
+        executor = submitit.SlurmExecutor(folder=job_dir, max_num_timeout=launcher.max_requeues)
+    except RuntimeError:  # submitit looks for srun first
+        usage_error("SLURM's srun is not found on this machine: submit from a login node of the cluster, or "
+                    "run the job here with --local")
     slurm = {"partition": launcher.partition, "account": launcher.account, "qos": launcher.qos,
              "constraint": launcher.constraint, "comment": launcher.comment,
              "cpus_per_task": launcher.cpus_per_task}
@@ -240,8 +244,8 @@ def main(argv=None):
     if script is None:
         usage_error(f"name the script to run, {' or '.join(SCRIPTS)}, after the launcher flags")
     check_launcher_flags(launcher)
-    submitit = require_submitit()
     args = absolute_paths(load_script(script).get_args_parser().parse_args(script_argv))
+    submitit = require_submitit()
     job_dir = os.path.abspath(launcher.job_dir or os.path.join(args.output_dir, "submitit"))
     # the job imports this repository's moco package from any working folder (sbatch and the local
     # executor pass the environment on)

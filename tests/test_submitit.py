@@ -4,8 +4,10 @@ The local executor starts a controller process that starts one process per task,
 SIGUSR2 to a task is what SLURM sends before a time limit (submitit's --signal) and on a signalled
 preemption, and what submitit's own tests use to interrupt a job.
 """
+import importlib.util
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -15,8 +17,9 @@ import torch
 
 from conftest import cpu_env, kill_tree, make_image_folder, start_logged, wait_all
 
-pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit); the launcher "
-                                       "needs it")
+needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
+                                    reason="submitit is not installed (pip install submitit); the launcher "
+                                           "needs it to submit jobs")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "run_with_submitit.py")
@@ -81,6 +84,7 @@ def uninterrupted(images, tmp_path_factory):
     return out, code, stdout, stderr
 
 
+@needs_submitit
 def test_local_job_trains_and_writes_checkpoints_and_log(uninterrupted):
     out, code, stdout, stderr = uninterrupted
     assert code == 0, stdout + stderr
@@ -99,6 +103,7 @@ def test_local_job_trains_and_writes_checkpoints_and_log(uninterrupted):
     assert load(os.path.join(out, "checkpoint_0001.pth.tar"))["epoch"] == 2
 
 
+@needs_submitit
 def test_interrupted_local_job_is_requeued_and_ends_bit_exact(uninterrupted, images, tmp_path):
     """SIGUSR2 mid-epoch: the job saves through the trainer's SIGTERM path after the current step,
     submitit requeues it, and the requeued job resumes there and ends where the uninterrupted job did."""
@@ -150,6 +155,7 @@ def wait_for_second_step(output_dir, timeout=600):
     pytest.fail(f"the job in {output_dir} did not reach step 1 within {timeout} s")
 
 
+@needs_submitit
 def test_failing_job_shows_the_users_error_in_its_log_and_in_the_launcher(images, tmp_path):
     """K=36 is not a multiple of the batch of 8: the job stops with the script's one-line error."""
     out = str(tmp_path / "run")
@@ -171,6 +177,8 @@ def test_bad_launcher_input_is_refused_before_anything_is_submitted(images, tmp_
         (["--local", "--nodes", "2"], "--local runs on this machine, one node"),
         (["--local", "--timeout", "0"], "--timeout 0 is out of range"),
     ]
+    if shutil.which("srun") is None:  # (on a SLURM machine this would submit a real job)
+        cases.append((["--ngpus", "0"], "SLURM's srun is not found on this machine"))
     for launcher_argv, message in cases:
         argv = [sys.executable, LAUNCHER, *launcher_argv] + (["main_moco.py", images] if launcher_argv else [])
         proc = start_logged(argv, cpu_env(), ROOT, tmp_path / "refused")
@@ -196,3 +204,23 @@ def test_without_submitit_one_line_says_how_to_install_it(images, tmp_path):
     assert status == 2 and stderr.splitlines()[-1] == (
         "run_with_submitit.py: error: submitting jobs needs submitit, which is not installed; install it "
         "with: pip install submitit")
+
+
+@needs_submitit
+@pytest.mark.skipif(torch.cuda.is_available(), reason="two CPU tasks: on a GPU machine they would take GPUs")
+def test_two_task_job_finds_its_rendezvous_from_the_job(images, tmp_path):
+    """--ngpus 2 starts two tasks; they form one gloo group from the job's own environment (rank, world
+    size, first host, a port from the job id), with nothing set by hand."""
+    out = str(tmp_path / "run")
+    argv = ["-a", "resnet18", "--crop-size", "16", "--moco-dim", "16", "-b", "16", "--moco-k", "48", "-p", "1",
+            "-j", "0", "--seed", "0", "--epochs", "1"]  # -b is per node: 8 per task
+    proc = launch(tmp_path, out, *argv, images, launcher_argv=("--local", "--ngpus", "2"))
+    [(code, stdout, stderr)] = wait_all([proc], timeout=900)
+    folder = os.path.join(out, "submitit")
+    logs = {name: read(os.path.join(folder, name)) for name in os.listdir(folder) if name.endswith("_log.out")}
+    assert code == 0, stdout + stderr + "\n".join(logs.values())
+    assert sorted(name.split("_")[1] for name in logs) == ["0", "1"]
+    task0 = next(text for name, text in logs.items() if name.endswith("_0_log.out"))
+    assert "=> world size 2 (2 per node, backend gloo, device cpu), per-process batch 8 (global 16)" in task0
+    assert re.search(r"submitit job \S+, task 1 of 2 on ", "\n".join(logs.values()))
+    assert load(os.path.join(out, "checkpoint_0000.pth.tar"))["epoch"] == 1
