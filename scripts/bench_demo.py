@@ -21,16 +21,28 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=os.path.join(demo.REPO, "runs", "bench_demo"))
     parser.add_argument("--tiny", action="store_true", help="seconds-long settings (smoke test)")
     args = parser.parse_args(argv)
+    machine = {"cores": os.cpu_count(), "load_before": os.getloadavg()}
     runs = {}
     for seed in args.seeds:
         demo_argv = ["--seed", str(seed), "--output-dir", os.path.join(args.output_dir, f"seed{seed}")]
         runs[seed] = demo.main(demo.get_args_parser().parse_args(demo_argv + (["--tiny"] if args.tiny else [])))
+    machine["load_after"] = os.getloadavg()
     summary = summarize(runs)
     print_summary(runs, summary)
+    print(describe_machine(machine))
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({"runs": runs, "summary": summary}, f, indent=1)
+        json.dump({"runs": runs, "summary": summary, "machine": machine}, f, indent=1)
     return summary
+
+
+def describe_machine(machine):
+    """One line to paste under the table: the timings mean little without the cores and the load
+    (os.getloadavg: processes running or waiting over the last 1, 5 and 15 minutes) they ran under."""
+    def load(values):
+        return " / ".join(f"{v:.2f}" for v in values)
+    return (f"\nmachine: {machine['cores']} CPU cores (os.cpu_count), no GPU used; load average (1 / 5 / 15 "
+            f"min) {load(machine['load_before'])} before, {load(machine['load_after'])} after")
 
 
 def summarize(runs):

@@ -101,3 +101,51 @@ def test_bench_demo_summarizes_seeds():
     assert summary["moco knn_top1"]["std"] == pytest.approx(1.0)
     assert summary["knn margin"]["mean"] == pytest.approx(21.0)
     assert summary["random linear_top1"]["std"] == pytest.approx(2.0)
+    line = bench.describe_machine({"cores": 2, "load_before": (0.5, 0.25, 0.125), "load_after": (2.0, 1.5, 1.0)})
+    assert line == ("\nmachine: 2 CPU cores (os.cpu_count), no GPU used; load average (1 / 5 / 15 min) "
+                    "0.50 / 0.25 / 0.12 before, 2.00 / 1.50 / 1.00 after")
+
+
+def test_bench_demo_records_the_machine_beside_its_table(tmp_path, cache, capsys):
+    """A real (tiny) bench run: the table, then the cores and load; both in summary.json too."""
+    spec = importlib.util.spec_from_file_location("bench_demo", os.path.join(REPO, "scripts", "bench_demo.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--seeds", "0", "--tiny", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = out[out.index("| seed | random kNN"):]
+    assert table.splitlines()[3].startswith("| mean ± std |")
+    assert f"machine: {os.cpu_count()} CPU cores (os.cpu_count)" in table
+    with open(tmp_path / "summary.json") as f:
+        machine = json.load(f)["machine"]
+    assert machine["cores"] == os.cpu_count()
+    assert len(machine["load_before"]) == len(machine["load_after"]) == 3
+
+
+def readme_command(title_words):
+    """The command of the README's fenced bash block that follows the paragraph starting with
+    `title_words` in the Quick start section."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Quick start"):readme.index("\n## ", readme.index("## Quick start") + 1)]
+    after = section[section.index(title_words):]
+    block = after[after.index("```bash\n") + len("```bash\n"):]
+    return block[:block.index("\n```")]
+
+
+def test_readme_main_command_installs_matplotlib_and_runs_the_demo():
+    command = readme_command("On a fresh machine")
+    install, run = command.split(" && ")[1:]
+    assert install.split()[-1] == "matplotlib" and "-r requirements.txt" in install
+    assert run == ".venv/bin/python scripts/demo.py"
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        packages = [line.split(">=")[0] for line in f.read().splitlines() if line and not line.startswith("#")]
+    assert packages == ["torch", "torchvision", "numpy", "Pillow"]  # the core stays four packages
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    command = readme_command("The tests")
+    assert "pytest pytest-xdist submitit matplotlib" in command
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        ci = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [command]
