@@ -51,45 +51,8 @@ step() {
 }
 
 say "== machine"
-{
-    date -u
-    if command -v nvidia-smi > /dev/null; then
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    else
-        echo "nvidia-smi: not found"
-    fi
-    df -h /dev/shm | tail -1 | awk '{print "/dev/shm: " $2 " (" $4 " free)"}'
-} 2>&1 | tee -a "$LOG"
-timeout 120 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import os, platform
-print(f"python {platform.python_version()}, cores usable {len(os.sched_getaffinity(0))} of {os.cpu_count()}")
-try:
-    import torch, torchvision
-except ImportError as err:
-    print(f"cannot import torch/torchvision: {err}")
-    raise SystemExit(0)
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
-      f"torchvision {torchvision.__version__}")
-if torch.cuda.is_available():
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
-              f"bf16 {torch.cuda.is_bf16_supported()}")
-try:
-    import pytest
-    print(f"pytest {pytest.__version__}")
-except ImportError:
-    print("pytest: not installed")
-EOF
-if ! timeout 120 "$PY" -c "import torch, torchvision" > /dev/null 2>&1; then
-    echo "gpu_checks: $PY cannot import torch and torchvision; set PYTHON to the interpreter that has them." | tee -a "$LOG"
-    exit 2
-fi
-if ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
-    say "gpu_checks: no CUDA GPU is visible to torch on this machine (torch.cuda.is_available() is False);"
-    say "these checks need one. Nothing was run; the facts above are in $LOG."
-    exit 2
-fi
+source scripts/gpu_machine.sh
+machine_facts gpu_checks
 
 # pytest-timeout, where installed, limits each test too; `timeout` limits each invocation regardless
 PER_TEST=()

@@ -12,20 +12,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks_compiled.log"
-{
-    date -u
-    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    timeout 120 "$PY" -c "import os, torch, torchvision; print(f'cores usable {len(os.sched_getaffinity(0))}, torch {torch.__version__} (CUDA {torch.version.cuda}), torchvision {torchvision.__version__}')"
-    df -h /dev/shm | tail -1 | awk '{print "/dev/shm: " $2}'
-} 2>&1 | tee "$LOG"
-if ! timeout 120 "$PY" -c "import torch, torchvision" > /dev/null 2>&1; then
-    echo "gpu_checks_compiled: $PY cannot import torch and torchvision; set PYTHON to the interpreter that has them." | tee -a "$LOG"
-    exit 2
-fi
-if ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
-    echo "gpu_checks_compiled: no CUDA GPU is visible to torch on this machine; these checks need one." | tee -a "$LOG"
-    exit 2
-fi
+: > "$LOG"
+source scripts/gpu_machine.sh
+machine_facts gpu_checks_compiled
 timeout --kill-after=10 "$BUDGET" "$PY" scripts/bench_e2e.py --images "${IMAGES:-4096}" \
     --sets fast-compile decode-compile --print-freq 4 --step-steps 10 --step-warmup 5 --set-timeout 240 \
     --json "$OUT/bench_e2e_compiled.json" 2>&1 | tee -a "$LOG"

@@ -282,12 +282,15 @@ def test_launch_modes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")  # torchrun sets these beside RANK and WORLD_SIZE
+    monkeypatch.setenv("MASTER_PORT", "29500")
     plan = plan_launch(args)
     assert (plan.mode, plan.world_size, plan.procs_per_node, plan.rank, plan.init_method) == \
         ("torchrun", 2, 2, 1, "env://")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # a task started by srun
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NNODES", "2")

@@ -460,7 +460,8 @@ def test_queue_not_divisible_by_global_batch(images, guarded_output, capsys):
 
 def test_checks_use_the_global_batch_of_a_torchrun_world(images, guarded_output, capsys, monkeypatch):
     # a torchrun environment of 2 processes on this node: refused before any process group exists
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     before = snapshot(guarded_output)
     code, out, err = run_cli_inprocess(SMALL + ["-b", "1", "--moco-k", "32", "--output-dir",
