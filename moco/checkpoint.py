@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moco.errors import UserError
+from moco.outdir import pid_alive
 
 PRETRAIN_NAME = re.compile(r"^checkpoint_(\d{4,})(?:_iter(\d{6,}))?\.pth\.tar$")
 # the partial file of a save in progress (save_checkpoint, copy_checkpoint): .<name>.tmp<pid of the writer>
@@ -259,16 +260,6 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def remove_stale_partial_files(output_dir, log):
     """Remove the partial files of saves that a killed process (kill -9, a node lost) left in
     `output_dir`, naming each through `log`. A partial file whose writer is alive is kept: the caller
@@ -278,7 +269,7 @@ def remove_stale_partial_files(output_dir, log):
     removed = []
     for name in sorted(os.listdir(output_dir)):
         match = PARTIAL_NAME.match(name)
-        if not match or _pid_alive(int(match.group(2))):
+        if not match or pid_alive(int(match.group(2))):
             continue
         path = os.path.join(output_dir, name)
         try:

@@ -54,7 +54,8 @@ def _can_write_in(folder):
     return True
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
+    """Whether process `pid` of this host lives (signal 0 tests without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,7 +152,7 @@ class RunLock:
             return
         same_host = owner.get("host") == socket.gethostname()
         pid = owner.get("pid")
-        if same_host and isinstance(pid, int) and not _pid_alive(pid):
+        if same_host and isinstance(pid, int) and not pid_alive(pid):
             why = f"pid {pid} is not running"
         elif age > self.stale_s:
             why = f"its lock was last refreshed {age:.0f} s ago"

@@ -190,11 +190,14 @@ ENVIRONMENTS = {
 
 
 @pytest.mark.parametrize("case", list(ENVIRONMENTS))
-def test_bad_environment_is_one_line(case, tmp_path):
+def test_bad_environment_is_one_line(case, small_images, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     make_env, expected = ENVIRONMENTS[case]
-    argv = TINY + ["-j", "0", "--epochs", "1", "--output-dir", tmp_path / "out"]  # no DIR: the built-in data
-    run = Run(argv, tmp_path, cpu_env(**make_env(tmp_path)),
+    env = make_env(tmp_path)
+    argv = TINY + ["-j", "0", "--epochs", "1", "--output-dir", tmp_path / "out"]
+    if "MOCO_DATA_CACHE" not in env:  # the cache cases omit DIR to reach the built-in data; the others need not
+        argv.append(small_images)
+    run = Run(argv, tmp_path, cpu_env(**env),
               preexec_fn=_small_file_limit if case == "cache-full" else None)
     assert_one_line_error(run, run.wait(timeout=120), *expected)
     assert not (tmp_path / "out").exists()
