@@ -17,14 +17,10 @@
 # Without a CUDA GPU it prints the machine's facts, says so and exits with status 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_results}
 BUDGET=${BUDGET:-470}
 IMAGES=${IMAGES:-4096}
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-LOG="$OUT/gpu_checks.log"
-: > "$LOG"
+source scripts/gpu_machine.sh
+start_log gpu_checks.log
 printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -51,7 +47,6 @@ step() {
 }
 
 say "== machine"
-source scripts/gpu_machine.sh
 machine_facts gpu_checks
 
 # pytest-timeout, where installed, limits each test too; `timeout` limits each invocation regardless

@@ -6,14 +6,9 @@
 #   bash scripts/gpu_checks_compiled.sh           # OUT=gpu_results BUDGET=540 IMAGES=4096
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_results}
 BUDGET=${BUDGET:-540}
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-LOG="$OUT/gpu_checks_compiled.log"
-: > "$LOG"
 source scripts/gpu_machine.sh
+start_log gpu_checks_compiled.log
 machine_facts gpu_checks_compiled
 timeout --kill-after=10 "$BUDGET" "$PY" scripts/bench_e2e.py --images "${IMAGES:-4096}" \
     --sets fast-compile decode-compile --print-freq 4 --step-steps 10 --step-warmup 5 --set-timeout 240 \

@@ -1,4 +1,18 @@
-# Sourced by scripts/gpu_checks*.sh: machine_facts NAME prints the machine's facts (GPU, /dev/shm,
+# Sourced by scripts/gpu_checks*.sh, from the repository root. OUT (default gpu_results) receives the
+# logs; PYTHON (default python3) is the interpreter; output is unbuffered so that a call cut short
+# still brings back what ran.
+OUT=${OUT:-gpu_results}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+# start_log FILE: $LOG is $OUT/FILE, emptied.
+start_log() {
+    mkdir -p "$OUT"
+    LOG="$OUT/$1"
+    : > "$LOG"
+}
+
+# machine_facts NAME prints the machine's facts (GPU, /dev/shm,
 # Python, usable cores, torch/torchvision/CUDA versions) into $LOG and exits the script with status 2
 # and one sentence where torch cannot be imported or sees no GPU.
 machine_facts() {
