@@ -116,9 +116,12 @@ class PreemptionSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received = False
-        self.signum = None
+        self.signum = None  # the first signal received
         self._previous = {}
+
+    @property
+    def received(self):
+        return self.signum is not None
 
     @property
     def name(self):
@@ -134,7 +137,6 @@ class PreemptionSignal:
             raise KeyboardInterrupt  # Ctrl-C after the stop was asked for: stop now
         if not self.received:
             self.signum = signum
-            self.received = True
             if signum == signal.SIGINT:
                 print("=> Ctrl-C: saving after this step, then stopping (Ctrl-C again stops without saving)",
                       file=sys.stderr, flush=True)
