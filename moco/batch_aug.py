@@ -200,12 +200,12 @@ class BatchAugment(ColorRecipe, torch.nn.Module):
         for op, index in steps:
             dev_index = None if index is None else next(indices)
             y = x if dev_index is None else x.index_select(0, dev_index)
-            f = factors if dev_index is None else factors.index_select(0, dev_index)
             if op == GRAY:
                 grayscale_(y)
             elif op == BLUR:
                 blur_batched_(y, kernels)
-            else:
+            else:  # the factors of the images this operation takes
+                f = factors if dev_index is None else factors.index_select(0, dev_index)
                 _FACTOR_OPS[op](y, f[:, _FACTOR_COLUMN[op]])
             if dev_index is not None:
                 x.index_copy_(0, dev_index, y)
