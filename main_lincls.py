@@ -22,7 +22,8 @@ from moco.logs import RunLog, require_tensorboard
 from moco.meters import TrainingMeters, topk_correct
 from moco.models import model_constructor, require_usable_arch
 from moco.outdir import RunLock, check_output_dir
-from moco.runtime import Precision, check_amp, per_process_batch, setup_process, to_device
+from moco.runtime import Precision, check_amp, per_process_batch, setup_process
+from moco.transfer import to_device
 from moco.schedule import adjust_learning_rate
 
 FC_KEYS = {"fc.weight", "fc.bias"}

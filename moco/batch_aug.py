@@ -32,7 +32,7 @@ from moco.aug_params import (BRIGHTNESS, CONTRAST, HUE, SATURATION, AugParams, C
 from moco.color_ops import (GRAY_WEIGHTS, adjust_brightness_, adjust_contrast_, adjust_hue_,  # noqa: F401
                             adjust_saturation_, blur_, blur_batched_, blur_kernels, blur_passes, box_kernel,
                             gaussian_kernel, grayscale_, normalize, pil_box_radius, rgb_to_grayscale, _buffer)
-from moco.device_batches import upload
+from moco.transfer import upload
 from moco.crops import RandomResizedCropFlip, TwoCropsUint8, crop_flip_transform  # noqa: F401
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco.distributed import broadcast_from_main, concat_all_gather, get_rank, get_world_size
-from moco.runtime import to_device
+from moco.transfer import to_device
 
 
 def check_queue_divisible(K, keys_per_step):

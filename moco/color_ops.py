@@ -16,9 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moco.device_batches import upload
+from moco.transfer import upload
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD
-from moco.runtime import to_device
+from moco.transfer import to_device
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale
 _CONSTANTS = {}

@@ -11,33 +11,7 @@ import sys
 
 import torch
 
-from moco.runtime import to_device
-
-ALIGN = 16  # bytes between the tensors packed by `upload`: any dtype's view of a slice stays aligned
-
-
-def upload(tensors, device):
-    """The CPU `tensors` on `device`, by one copy: packed into one byte buffer (pinned for a GPU), copied
-    without blocking the host, and viewed back with their dtypes and shapes. Small per-batch tables
-    (crop boxes, indices, colour factors, blur kernels) copied one by one from pageable memory would
-    each make the host wait for the GPU."""
-    device = torch.device(device)
-    tensors = [t.detach().contiguous() for t in tensors]
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
-    on_gpu = device.type == "cuda"
-    packed = torch.empty(max(total, ALIGN), dtype=torch.uint8, pin_memory=on_gpu)
-    for t, start in zip(tensors, offsets):
-        if t.numel():
-            packed[start:start + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
-    packed = packed.to(device, non_blocking=True)
-    out = []
-    for t, start in zip(tensors, offsets):
-        nbytes = t.numel() * t.element_size()
-        out.append(packed[start:start + nbytes].view(t.dtype).view(t.shape))
-    return out
+from moco.transfer import to_device
 
 
 class SyncDebug:

@@ -24,8 +24,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from moco.crops import META_BOXES, META_HEIGHT, META_IS_JPEG, META_PARAMS, META_WIDTH
 from moco.aug_params import PARAM_COLUMNS
-from moco.device_batches import upload
-from moco.runtime import to_device
+from moco.transfer import upload
+from moco.transfer import to_device
 
 MAX_CHUNK = 64           # images per batched product
 MAX_PADDING = 1.5        # padded area / true area of a chunk

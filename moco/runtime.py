@@ -33,15 +33,6 @@ def seed_everything(seed):
                   "restarting from checkpoints.")
 
 
-def to_device(images, device, channels_last=False):
-    """Copy a batch to the device without blocking the host, NHWC when asked. A CPU tensor bound for a
-    GPU is pinned first: from pageable memory the copy waits for the host to stage it."""
-    device = torch.device(device)
-    if device.type == "cuda" and images.device.type == "cpu" and not images.is_pinned():
-        images = images.pin_memory()
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
 
 def setup_process(args, ctx):
     """Seed like the reference (when --seed), pick the cuDNN mode, and return this process's share of

@@ -5,7 +5,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from moco.aug_params import ColorRecipe
 from moco.batch_aug import BatchAugment
-from moco.device_batches import DeviceBatches, upload
+from moco.device_batches import DeviceBatches
+from moco.transfer import upload
 
 
 class PairsWithParams(torch.utils.data.Dataset):
