@@ -6,21 +6,17 @@ Launch: `python main_moco.py DIR` (one device, or every local GPU), the referenc
 """
 import contextlib
 import os
-import random
 import time
 
 import torch
 
 from moco import builder, cli, knn
-from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint, first_nonfinite,
-                             is_pretrain_state_dict, load_checkpoint, optimizer_tensors, pretrain_checkpoint_name,
-                             remove_stale_partial_files, restore_rng_state, restore_training_state,
-                             save_checkpoint, scan_resume_checkpoints)
+from moco.checkpoint import remove_stale_partial_files
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
-from moco.distributed import (all_reduce_max, barrier, broadcast_from_main, plan_launch,
-                              process_group, run_processes, wrap_ddp)
+from moco.distributed import (all_reduce_max, per_process_batch, plan_launch, process_group, run_processes,
+                              setup_process, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
-from moco.guard import NonFiniteLoss, StepGuard
+from moco.guard import NonFiniteLoss, PreemptionSignal, StepGuard
 from moco.batch_aug import BatchAugment
 from moco.crops import EncodedTwoCrops, collate_encoded, crop_flip_transform, open_path, read_encoded
 from moco.device_batches import DeviceBatches, SyncDebug
@@ -30,7 +26,9 @@ from moco.logs import RunLog, require_tensorboard
 from moco.meters import ThroughputWindow, TrainingMeters
 from moco.models import model_constructor, require_usable_arch
 from moco.outdir import RunLock, check_output_dir
-from moco.runtime import Precision, PreemptionSignal, check_amp, per_process_batch, setup_process
+from moco.precision import Precision, check_amp
+from moco.resume import (TrainState, draw_data_seed, last_good_checkpoint, resume_point, resume_training,
+                         save_training)
 from moco.schedule import adjust_learning_rate
 
 
@@ -90,56 +88,6 @@ def preflight(args, plan):
     check_output_dir(args.output_dir)
 
 
-def check_resume_file(path, arch):
-    """The loaded --resume checkpoint, or UserError unless it is a MoCo pre-training checkpoint of `arch`."""
-    checkpoint = load_checkpoint(path, what="--resume checkpoint")
-    state_dict = checkpoint_state_dict(checkpoint, path, what="--resume checkpoint")
-    if not is_pretrain_state_dict(state_dict):
-        raise UserError(f"--resume checkpoint '{path}' is not a MoCo pre-training checkpoint "
-                        f"(no encoder_q weights)")
-    if checkpoint.get("arch", arch) != arch:
-        raise UserError(f"--resume checkpoint '{path}' was trained with --arch {checkpoint['arch']}, "
-                        f"this run uses --arch {arch}")
-    return checkpoint
-
-
-def resume_point(args, log):
-    """The checkpoint to resume from ('' to start afresh), or None when it already holds all --epochs.
-
-    Refuses --epochs below the progress already made, and a run that would replace a file in
-    --output-dir it did not write (one auto-resume skipped, or another run's).
-    """
-    skipped = {}
-    if args.resume:
-        checkpoint = check_resume_file(args.resume, args.arch)
-        path, progress = args.resume, (checkpoint.get("epoch", 0), checkpoint.get("step_in_epoch", 0))
-    else:
-        scan = scan_resume_checkpoints(args.output_dir, args.arch)
-        for skipped_path, _, reason in scan.skipped:
-            log.info(f"=> skipping {reason}")
-            skipped[skipped_path] = reason
-        path, progress = scan.path or "", scan.progress if scan.path else (args.start_epoch, 0)
-    done, step = progress
-    if (args.epochs, 0) < progress:
-        where = f"'{path}' holds {done} epochs{f' and {step} steps' if step else ''}" if path else \
-            f"--start-epoch {args.start_epoch} lies beyond it"
-        raise UserError(f"--epochs {args.epochs} is below the progress already made ({where}); pass a larger "
-                        f"--epochs to train on, or another --output-dir for a new run")
-    if path and progress == (args.epochs, 0):
-        log.info(f"=> nothing to do: '{path}' already holds all {args.epochs} epochs")
-        return None
-    if progress == (args.epochs, 0):  # no checkpoint, and --start-epoch leaves no epoch to train
-        raise UserError(f"--start-epoch {args.start_epoch} with --epochs {args.epochs} leaves no epoch to "
-                        f"train; pass a larger --epochs")
-    for epoch in range(done, args.epochs):
-        ahead = os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))
-        if os.path.exists(ahead):
-            why = skipped.get(ahead, f"'{ahead}' is newer than the checkpoint this run starts from")
-            raise UserError(f"this run would replace {ahead} after epoch {epoch}, a file it did not write "
-                            f"({why}); move it away or choose another --output-dir")
-    return path
-
-
 def main(args):
     require_tensorboard(args.tensorboard)
     if args.data is None:
@@ -165,16 +113,7 @@ def train_process(local_index, plan, args):
     with process_group(plan, local_index, args) as ctx, \
             RunLog(args.output_dir, ctx.is_main, args.tensorboard) as log:
         batch, workers = setup_process(args, ctx)
-
-        model, base = build_model(args, ctx)
-        precision = Precision(args.amp, ctx.device)
-        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay, fused=precision.fused_sgd or None)
-        state = TrainState(data_seed=draw_data_seed(args, ctx.device), global_batch=batch * ctx.world_size,
-                           epoch=args.start_epoch)
-        if args.resume:
-            resume(args.resume, model, optimizer, precision, state, ctx, log)
-        precision.configure(optimizer)  # after resume: loading restores the optimizer's flags
+        state, encoder = training_state(args, ctx, batch, log)
 
         dataset = train_dataset(args, state.data_seed)
         sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, state.data_seed, batch)
@@ -185,43 +124,44 @@ def train_process(local_index, plan, args):
             raise UserError(f"the {len(dataset)} training images give no full batch of {batch} per process")
         knn_loaders = make_knn_loaders(args, ctx, batch, workers) if args.knn_freq > 0 else None
 
-        log.info(f"=> {describe_run(args, ctx, batch, workers, precision, len(dataset))}")
-        log.info(f"=> model: MoCo over {args.arch}{' + MLP head' if args.mlp else ''}, "
-                 f"{sum(p.numel() for p in base.parameters())} parameters in each encoder")
+        for line in describe_run(args, ctx, state, encoder, batch, workers, len(dataset)):
+            log.info(f"=> {line}")
+        first_epoch = state.epoch
         with PreemptionSignal() as preemption:
             guard = StepGuard(ctx.device, preemption)
-            for epoch in range(state.epoch, args.epochs):
+            for epoch in range(first_epoch, args.epochs):
+                state.epoch = epoch
                 sampler.set_epoch(epoch, state.step_in_epoch)
-                lr = adjust_learning_rate(optimizer, epoch, args, cos=args.cos)
-                stats = train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log,
-                                        lr, state, guard, sampler.steps_per_epoch())
+                adjust_learning_rate(state.optimizer, epoch, args, cos=args.cos)
+                stats, preempted = train_one_epoch(batches, sampler.steps_per_epoch(), state, guard, args, ctx,
+                                                   log)
+                if preempted:
+                    raise save_and_stop(state, guard.preemption, args, ctx, log)
                 stats["bad_images"] = merge_bad_images(dataset, ctx.device)
                 if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
-                    stats["knn_top1"] = knn.knn_top1(base, *knn_loaders, ctx.device, args.knn_k,
-                                                     args.knn_t, args.channels_last)
+                    stats["knn_top1"] = knn.knn_top1(encoder, *knn_loaders, ctx.device, args.knn_k, args.knn_t,
+                                                     args.channels_last)
                     log.info(f"=> epoch {epoch}: kNN top-1 {stats['knn_top1']:.2f}")
                 state.epoch, state.step_in_epoch = epoch + 1, 0
-                path = save(args, model, optimizer, precision, state, ctx)
+                path = save_training(state, args, ctx)
+                # the launch's full flags go with its first record (they are in every checkpoint too)
                 log.record({"epoch": epoch, **stats, "checkpoint": path, "moco_k": args.moco_k,
-                            "symmetric": args.symmetric})
+                            "symmetric": args.symmetric, **({"args": vars(args)} if epoch == first_epoch else {})})
         log.info(f"=> done: {args.epochs} epochs; checkpoints and log.txt in {os.path.abspath(args.output_dir)}")
 
 
-class TrainState:
-    """Where the run is: the next epoch, steps already done in it, and the data seed."""
-
-    def __init__(self, data_seed, global_batch, epoch=0, step_in_epoch=0):
-        self.data_seed = data_seed
-        self.global_batch = global_batch
-        self.epoch = epoch
-        self.step_in_epoch = step_in_epoch
-
-
-def draw_data_seed(args, device):
-    """--seed, or a fresh random seed shared by all processes (and kept in checkpoints)."""
-    seed = torch.tensor([args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)],
-                        device=device)
-    return int(broadcast_from_main(seed))
+def training_state(args, ctx, batch, log):
+    """The TrainState this process starts from (a new model, or --resume's), and the query encoder."""
+    model, encoder = build_model(args, ctx)
+    precision = Precision(args.amp, ctx.device)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, fused=precision.fused_sgd or None)
+    state = TrainState(model, optimizer, precision, data_seed=draw_data_seed(args, ctx.device),
+                       global_batch=batch * ctx.world_size, epoch=args.start_epoch)
+    if args.resume:
+        resume_training(args.resume, state, ctx, log)
+    precision.configure(optimizer)  # after resume: loading restores the optimizer's flags
+    return state, encoder
 
 
 def build_model(args, ctx):
@@ -250,11 +190,28 @@ def make_knn_loaders(args, ctx, batch, workers):
             len(bank.classes))
 
 
-def describe_run(args, ctx, batch, workers, precision, num_images):
-    return (f"world size {ctx.world_size} ({ctx.procs_per_node} per node, backend {ctx.backend}, "
-            f"device {ctx.device}), per-process batch {batch} (global {batch * ctx.world_size}), "
-            f"{workers} loader workers per process, {precision.describe()}, {num_images} training images; "
-            f"args: {vars(args)}")
+def describe_run(args, ctx, state, encoder, batch, workers, num_images):
+    """The run's opening lines: launch, data, recipe, model, where it starts and where results go.
+    (The full flags go to log.txt with the first epoch's record, and into every checkpoint.)"""
+    pipeline = ("--device-decode (decoding and augmentation on the device)" if args.device_decode else
+                "--fast-aug (colour augmentation on the device)" if args.fast_aug else "the PIL pipeline")
+    head = "MLP head" if args.mlp else "linear head"
+    schedule = "cosine" if args.cos else f"steps at epochs {args.schedule}"
+    start = (f"epoch {state.epoch}" + (f", step {state.step_in_epoch}" if state.step_in_epoch else "")
+             + (f" of '{args.resume}'" if args.resume else " (a new run)"))
+    return [
+        f"world size {ctx.world_size} ({ctx.procs_per_node} per node, backend {ctx.backend}, device {ctx.device}), "
+        f"per-process batch {batch} (global {state.global_batch}), {workers} loader workers per process, "
+        f"{state.precision.describe()}",
+        f"data: {num_images} training images in {os.path.join(args.data, 'train')}, data seed {state.data_seed}; "
+        f"MoCo {'v2' if args.aug_plus else 'v1'} augmentation, {pipeline}",
+        f"recipe: K {args.moco_k}, m {args.moco_m}, T {args.moco_t}, dim {args.moco_dim}, {head}"
+        f"{', symmetric loss' if args.symmetric else ''}; SGD lr {args.lr} ({schedule}), momentum "
+        f"{args.momentum}, wd {args.weight_decay}; {args.epochs} epochs",
+        f"model: MoCo over {args.arch}{' + MLP head' if args.mlp else ''}, "
+        f"{sum(p.numel() for p in encoder.parameters())} parameters in each encoder",
+        f"starting at {start}; checkpoints and log.txt go to {os.path.abspath(args.output_dir)}",
+    ]
 
 
 def train_dataset(args, data_seed):
@@ -279,23 +236,25 @@ def device_batches(args, loader, dataset, device):
     return DeviceBatches(loader, device, augment=augment, decoder=decoder, channels_last=args.channels_last)
 
 
-def train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log, lr, state, guard, steps):
-    """One epoch from `state.step_in_epoch`. Nothing in a step waits for the device except the
-    StepGuard check every --print-freq steps (which also prints the meters) and the epoch's end."""
+def train_one_epoch(batches, steps, state, guard, args, ctx, log):
+    """Epoch `state.epoch` from step `state.step_in_epoch` on, of `steps`. Nothing in a step waits for the
+    device except the StepGuard check every --print-freq steps (which also prints the meters) and the
+    epoch's end. Returns (the epoch's statistics, False), or (None, True) when a preemption (SIGTERM or
+    Ctrl-C) stopped it: `state.step_in_epoch` then counts the steps done, and the caller saves."""
+    epoch, start_step, lr = state.epoch, state.step_in_epoch, state.optimizer.param_groups[0]["lr"]
     meters = TrainingMeters(steps, prefix=f"Epoch: [{epoch}]")
-    window = ThroughputWindow(skip=state.step_in_epoch + max(1, steps // 10))
-    model.train()
-    start_step = state.step_in_epoch
+    window = ThroughputWindow(skip=start_step + max(1, steps // 10))
+    state.model.train()
     epoch_start = end = time.time()
     sync_debug = SyncDebug()  # MOCO_SYNC_DEBUG=error: any wait for the GPU outside the check below raises
     for i, (im_q, im_k) in enumerate(sync_debug.steps(batches), start=start_step):
         meters.data_time.update(time.time() - end)  # waiting for the loader (and, on the CPU, --fast-aug)
-        with precision.autocast():
-            logits, labels = model(im_q, im_k)
+        with state.precision.autocast():
+            logits, labels = state.model(im_q, im_k)
             loss = builder.contrastive_loss(logits.float(), labels, args.symmetric)
         guard.observe(loss)
         meters.update(loss, logits, labels)
-        precision.backward_and_step(loss, optimizer)
+        state.precision.backward_and_step(loss, state.optimizer)
         meters.batch_time.update(time.time() - end)
         end = time.time()
         if not guard.due(i, args.print_freq, steps - 1):
@@ -308,18 +267,23 @@ def train_one_epoch(batches, model, optimizer, precision, epoch, args, ctx, log,
             log.info(meters.line(i, [f"LR {lr:.4g}", f"Img/s {images_per_s:.1f}"]))
             log.scalars(epoch * steps + i, meters, lr=lr, images_per_s=images_per_s)
         if stop_now:
-            state.epoch, state.step_in_epoch = epoch, i + 1
-            path = save(args, model, optimizer, precision, state, ctx)
-            log.info(f"=> {guard.preemption.name or 'SIGTERM'}: saved {path} after step {i + 1} of epoch "
-                     f"{epoch}; run the same command again to resume there")
-            raise Preempted(path, guard.preemption.exit_code)
-    seconds = time.time() - epoch_start
-    done = steps - start_step
+            state.step_in_epoch = i + 1
+            return None, True
+    seconds, done = time.time() - epoch_start, steps - start_step
     images_per_step = batches.loader.batch_size * ctx.world_size
     return {"loss": meters.loss.avg, "acc1": meters.top1.avg, "acc5": meters.top5.avg, "lr": lr, "steps": done,
             "epoch_time_s": round(seconds, 3),
             "images_per_s": round(done * images_per_step / max(seconds, 1e-9), 1),
-            **window.summary(images_per_step)}
+            **window.summary(images_per_step)}, False
+
+
+def save_and_stop(state, preemption, args, ctx, log):
+    """Save a preempted epoch's progress; returns the Preempted exception that ends the run with
+    `preemption`'s exit code (143 for SIGTERM, 130 for Ctrl-C)."""
+    path = save_training(state, args, ctx)
+    log.info(f"=> {preemption.name or 'SIGTERM'}: saved {path} after step {state.step_in_epoch} of epoch "
+             f"{state.epoch}; run the same command again to resume there")
+    return Preempted(path, preemption.exit_code)
 
 
 def merge_bad_images(dataset, device):
@@ -336,68 +300,8 @@ def check_step(guard, epoch, step, args):
     try:
         return guard.check(epoch, step)
     except NonFiniteLoss as err:
-        last = find_resume_checkpoint(args.output_dir, args.arch, log=lambda _: None) or args.resume
         raise UserError(f"{err.describe()}; stopping before it reaches a checkpoint. Last good checkpoint: "
-                        f"{last or 'none yet'}. Try a lower --lr or check the data") from None
-
-
-def save(args, model, optimizer, precision, state, ctx):
-    """Write a checkpoint (global rank 0 only) of SPEC's format plus what exact resumption needs."""
-    rng_states = [None] * ctx.world_size
-    torch.distributed.all_gather_object(rng_states, capture_rng_state())
-    name = pretrain_checkpoint_name(state.epoch - 1 if not state.step_in_epoch else state.epoch,
-                                    state.step_in_epoch)
-    path = os.path.join(args.output_dir, name)
-    state_dict, optimizer_state = model.state_dict(), optimizer.state_dict()
-    # every process holds the same weights, so all of them stop here together
-    bad = first_nonfinite(list(state_dict.items()) + list(optimizer_tensors(optimizer_state)))
-    if bad is not None:
-        last = find_resume_checkpoint(args.output_dir, args.arch, log=lambda _: None) or args.resume
-        raise UserError(f"'{bad}' became non-finite (NaN or inf) by epoch {state.epoch}, step "
-                        f"{state.step_in_epoch}; {name} was not written. Last good checkpoint: "
-                        f"{last or 'none yet'}. Try a lower --lr or check the data")
-    if ctx.is_main and os.path.exists(path):
-        raise UserError(f"this run would replace {path}, a file it did not write; move it away and resume")
-    if ctx.is_main:
-        save_checkpoint({
-            "epoch": state.epoch,
-            "arch": args.arch,
-            "state_dict": state_dict,
-            "optimizer": optimizer_state,
-            "step_in_epoch": state.step_in_epoch,
-            "global_batch": state.global_batch,
-            "data_seed": state.data_seed,
-            "args": {key: value for key, value in vars(args).items()},
-            "rng_states": rng_states,
-            "scaler": precision.state_dict(),
-        }, path)
-    # no process may go on (or exit, ending the job) while process 0 is still writing the checkpoint
-    barrier()
-    return path
-
-
-def resume(path, model, optimizer, precision, state, ctx, log):
-    checkpoint = restore_training_state(path, model, optimizer)
-    bad = first_nonfinite(list(checkpoint["state_dict"].items()) +
-                          list(optimizer_tensors(checkpoint.get("optimizer") or {})))
-    if bad is not None:
-        raise UserError(f"checkpoint '{path}' holds non-finite weights ('{bad}'); resume from an earlier one "
-                        f"with --resume")
-    precision.load_state_dict(checkpoint.get("scaler"))
-    state.epoch = checkpoint.get("epoch", 0)
-    state.step_in_epoch = checkpoint.get("step_in_epoch", 0)
-    saved_batch = checkpoint.get("global_batch")
-    if state.step_in_epoch and saved_batch and saved_batch != state.global_batch:
-        # the position inside the epoch is counted in steps of the saved global batch
-        raise UserError(f"'{path}' was saved {state.step_in_epoch} steps into epoch {state.epoch} with a global "
-                        f"batch of {saved_batch}; this launch has {state.global_batch} ({ctx.world_size} "
-                        f"processes). Relaunch with the same global batch (-b per node x nodes), or resume "
-                        f"from an end-of-epoch checkpoint with --resume")
-    state.data_seed = checkpoint.get("data_seed", state.data_seed)
-    rng_states = checkpoint.get("rng_states")
-    if rng_states and len(rng_states) == ctx.world_size:
-        restore_rng_state(rng_states[ctx.rank])
-    log.info(f"=> resuming from '{path}' (epoch {state.epoch}, step {state.step_in_epoch} of it)")
+                        f"{last_good_checkpoint(args)}. Try a lower --lr or check the data") from None
 
 
 if __name__ == "__main__":

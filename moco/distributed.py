@@ -3,6 +3,7 @@ and the launcher that gives every launch mode one code path."""
 import contextlib
 import datetime
 import inspect
+import math
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moco.errors import INTERRUPTED_EXIT, Preempted, UserError
+from moco.seeding import seed_everything, set_cudnn_mode
 
 
 def is_distributed():
@@ -93,11 +95,34 @@ def all_reduce_max(tensor):
     return tensor
 
 
+# --------------------------------------------------------------------------------------------------
+# One process's share of the node's batch and loader workers.
+# --------------------------------------------------------------------------------------------------
+def per_process_batch(batch_size, procs_per_node):
+    """`-b` is the batch of one node (the reference's meaning); each process takes its share."""
+    if batch_size < procs_per_node:
+        raise UserError(f"--batch-size {batch_size} is smaller than the {procs_per_node} processes per "
+                        f"node; each process needs at least one image")
+    return batch_size // procs_per_node
+
+
+def workers_per_process(workers, procs_per_node):
+    return math.ceil(workers / procs_per_node)
+
+
+def setup_process(args, ctx):
+    """Seed like the reference (when --seed), pick the cuDNN mode, and return this process's share of
+    the node's batch and loader workers."""
+    if args.seed is not None:
+        seed_everything(args.seed, uses_cudnn=ctx.device.type == "cuda")
+    set_cudnn_mode(args.seed)
+    return (per_process_batch(args.batch_size, ctx.procs_per_node),
+            workers_per_process(args.workers, ctx.procs_per_node))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launching: one code path for the reference flags, torchrun / SLURM, several local GPUs, one device.
 # ---------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class LaunchPlan:
     """How this run starts its processes.

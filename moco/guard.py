@@ -6,10 +6,17 @@ device and reads the count (with the SIGTERM flags of all processes, in one all-
 the training loop asks every `--print-freq` steps, at the end of each epoch and before any checkpoint is
 written. A non-finite loss is therefore always found before a checkpoint could hold its consequences,
 and every process stops at the same step.
+
+`PreemptionSignal` is what the guard reads for SIGTERM (and a first Ctrl-C): the signal handler only
+remembers it, and the loop saves and stops at the next check.
 """
+import signal
+import sys
+
 import torch
 
 from moco.distributed import all_reduce_sum, get_world_size
+from moco.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
 
 class StepGuard:
@@ -54,3 +61,51 @@ class NonFiniteLoss(Exception):
     def describe(self):
         since = "the start of this run" if self.after is None else f"epoch {self.after[0]}, step {self.after[1]}"
         return f"the loss became NaN or infinite after {since} and by epoch {self.until[0]}, step {self.until[1]}"
+
+
+class PreemptionSignal:
+    """Remembers a SIGTERM (cluster preemption) or a first Ctrl-C (SIGINT), so that the loop saves at the
+    next step and stops, exiting with `exit_code` (143 or 130). A second Ctrl-C stops at once
+    (KeyboardInterrupt, without saving): the way out when the save itself is not wanted."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None  # the first signal received
+        self._previous = {}
+
+    @property
+    def received(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        """'SIGTERM' or 'SIGINT' (the first signal received), None before any."""
+        return signal.Signals(self.signum).name if self.signum else None
+
+    @property
+    def exit_code(self):
+        return INTERRUPTED_EXIT if self.signum == signal.SIGINT else PREEMPTED_EXIT
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt  # Ctrl-C after the stop was asked for: stop now
+        if not self.received:
+            self.signum = signum
+            if signum == signal.SIGINT:
+                print("=> Ctrl-C: saving after this step, then stopping (Ctrl-C again stops without saving)",
+                      file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+        return False

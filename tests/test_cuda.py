@@ -17,7 +17,7 @@ from conftest import cuda_env
 from moco import builder
 from moco.distributed import all_reduce_sum, concat_all_gather, plan_launch, process_group
 from moco.models import model_constructor
-from moco.runtime import Precision
+from moco.precision import Precision
 
 import main_moco
 

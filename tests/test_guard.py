@@ -8,7 +8,7 @@ from moco.guard import NonFiniteLoss, StepGuard
 
 
 class Flag:
-    """What moco.runtime.PreemptionSignal exposes: whether SIGTERM arrived."""
+    """What moco.guard.PreemptionSignal exposes: whether SIGTERM arrived."""
 
     def __init__(self, received=False):
         self.received = received

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -122,7 +123,11 @@ def images(tmp_path_factory):
 def reference(images, tmp_path_factory):
     """An uninterrupted seeded 2-epoch run (v1 recipe, no loader workers): (output dir, its stdout)."""
     out = str(tmp_path_factory.mktemp("reference"))
-    stdout = train(SMALL + ["--seed", "0", "--epochs", "2", "-j", "0", "--output-dir", out, images])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stdout = train(SMALL + ["--seed", "0", "--epochs", "2", "-j", "0", "--output-dir", out, images])
+    # the reference's warning about deterministic cuDNN belongs where cuDNN runs, not on the CPU
+    assert torch.cuda.is_available() or not [w for w in caught if "CUDNN" in str(w.message)]
     return out, stdout
 
 
@@ -186,7 +191,15 @@ def test_v1_run_logs(reference):
     if not torch.cuda.is_available():  # one process in a world of one, on gloo
         assert "backend gloo" in start[0] and "device cpu" in start[0]
     assert "0 loader workers per process" in start[0]
-    assert "'moco_k': 48" in start[0] and "'arch': 'resnet18'" in start[0]  # the args
+    # a summary, one line each: data, recipe, model, where it starts and where results go; no args dict
+    opening = lines[lines.index(start[0]):lines.index(start[0]) + 5]
+    assert [line.split(":")[0] for line in opening[1:4]] == ["=> data", "=> recipe", "=> model"]
+    assert opening[4] == f"=> starting at epoch 0 (a new run); checkpoints and log.txt go to {os.path.abspath(out)}"
+    assert "32 training images" in opening[1] and "K 48, m 0.999, T 0.07" in opening[2]
+    assert "'moco_k'" not in stdout
+    # the full flags go with the launch's first record of log.txt (and into every checkpoint)
+    assert records[0]["args"]["moco_k"] == 48 and records[0]["args"]["arch"] == "resnet18"
+    assert "args" not in records[1]
 
 
 def test_v2_recipe_with_knn_monitor(images, tmp_path):

@@ -1,4 +1,5 @@
-"""Per-process set-up: batch split, workers, precision, SIGTERM handling."""
+"""Per-process set-up: batch split, workers, seeding (moco.distributed, moco.seeding), precision
+(moco.precision), SIGTERM handling (moco.guard.PreemptionSignal)."""
 import argparse
 import os
 import signal
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from moco.errors import UserError
-from moco.runtime import (Precision, PreemptionSignal, check_amp, per_process_batch, seed_everything,
-                          workers_per_process)
+from moco.distributed import per_process_batch, setup_process, workers_per_process
+from moco.guard import PreemptionSignal
+from moco.precision import Precision, check_amp
+from moco.seeding import seed_everything
 
 
 def test_per_process_batch_is_the_node_batch_split():
@@ -41,6 +44,19 @@ def test_seed_everything_reproduces_python_and_torch_draws():
     second = (random.random(), torch.rand(3))
     assert first[0] == second[0]
     assert torch.equal(first[1], second[1])
+
+
+def test_a_seeded_cpu_process_gives_no_cudnn_warning_and_a_cuda_one_does():
+    import warnings
+    args = argparse.Namespace(seed=5, batch_size=8, workers=3)
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert setup_process(args, argparse.Namespace(device=torch.device("cpu"), procs_per_node=2)) == (4, 2)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    with pytest.warns(UserWarning, match="CUDNN deterministic"):
+        setup_process(args, argparse.Namespace(device=torch.device("cuda", 0), procs_per_node=1))
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
 def test_precision_without_amp_is_plain_fp32_backward_and_step():
