@@ -28,7 +28,7 @@ RELEASES = {
 def _classifier(checkpoint, where, arch=None, num_classes=1000):
     """The torchvision model of `checkpoint` (a loaded MoCo pre-training checkpoint) with the query
     encoder's backbone and a new fc; `where` names the file in messages."""
-    from main_lincls import FC_KEYS, backbone_from_moco
+    from moco.pretrained import FC_KEYS, backbone_from_moco
     from moco.errors import UserError
     from moco.models import model_constructor
     trained_arch = checkpoint.get("arch")

@@ -5,6 +5,7 @@ Every backbone tensor is frozen and the network runs in eval() mode, so BN stati
 only fc.weight and fc.bias are trained, by SGD with a step schedule.
 """
 import contextlib
+import functools
 import os
 import time
 
@@ -12,21 +13,21 @@ import torch
 import torch.nn as nn
 
 from moco import cli
-from moco.checkpoint import (checkpoint_state_dict, copy_checkpoint, file_sha256, first_nonfinite, load_checkpoint,
+from moco.checkpoint import (checkpoint_state_dict, copy_checkpoint, load_checkpoint, load_checkpoint_and_sha256,
                              remove_stale_partial_files, restore_training_state, save_checkpoint)
 from moco.data import ResumableSampler, RobustImageFolder, ShardSampler, make_loader, require_split
-from moco.distributed import all_reduce_sum, barrier, plan_launch, process_group, run_processes, wrap_ddp
+from moco.distributed import (all_reduce_sum, barrier, per_process_batch, plan_launch, process_group,
+                              run_processes, setup_process, wrap_ddp)
 from moco.errors import UserError, run_cli
 from moco.loader import linear_train_transform, linear_val_transform
 from moco.logs import RunLog, require_tensorboard
 from moco.meters import TrainingMeters, topk_correct
 from moco.models import model_constructor, require_usable_arch
 from moco.outdir import RunLock, check_output_dir
-from moco.runtime import Precision, check_amp, per_process_batch, setup_process
+from moco.precision import Precision, check_amp
+from moco.pretrained import FC_KEYS, backbone_from_moco
 from moco.transfer import to_device
 from moco.schedule import adjust_learning_rate
-
-FC_KEYS = {"fc.weight", "fc.bias"}
 
 
 def get_args_parser():
@@ -46,32 +47,23 @@ def get_args_parser():
 # --------------------------------------------------------------------------------------------------
 # Loading MoCo weights into a plain classifier.
 # --------------------------------------------------------------------------------------------------
-def backbone_from_moco(checkpoint, path):
-    """The query encoder's weights without its fc head, with plain torchvision names."""
-    state_dict = checkpoint_state_dict(checkpoint, path, what="--pretrained checkpoint")
-    backbone = {}
-    for key, value in state_dict.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name.startswith("encoder_q.") and not name.startswith("encoder_q.fc"):
-            backbone[name[len("encoder_q."):]] = value
-    if not backbone:
-        raise UserError(f"--pretrained checkpoint '{path}' is not a MoCo pre-training checkpoint "
-                        f"(it has no module.encoder_q.* weights)")
-    bad = first_nonfinite(backbone.items())
-    if bad is not None:  # its features would be NaN: every accuracy measured on them is meaningless
-        raise UserError(f"--pretrained checkpoint '{path}' holds non-finite weights ('{bad}' has NaN or inf "
-                        f"values); use an earlier checkpoint of the pre-training run")
-    return backbone
-
-
-def load_pretrained(model, path, arch):
-    """Load the MoCo backbone into `model`; only fc.weight and fc.bias may be left missing."""
-    checkpoint = load_checkpoint(path, what="--pretrained checkpoint")
+def load_pretrained(model, path, arch, checkpoint=None):
+    """Load the MoCo backbone of the checkpoint at `path` (or of `checkpoint`, loaded from there) into
+    `model`; returns the backbone's weights."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path, what="--pretrained checkpoint")
     backbone = backbone_from_moco(checkpoint, path)
     trained_arch = checkpoint.get("arch")
     if trained_arch is not None and trained_arch != arch:
         raise UserError(f"--pretrained checkpoint '{path}' was trained with --arch {trained_arch}, "
                         f"this run uses --arch {arch}")
+    load_backbone(model, backbone, path, arch)
+    return backbone
+
+
+def load_backbone(model, backbone, path, arch):
+    """Load `backbone` (of the checkpoint at `path`) into `model`; only fc.weight and fc.bias may be left
+    missing."""
     model_state = model.state_dict()
     for key, value in backbone.items():
         if key not in model_state or model_state[key].shape != value.shape:
@@ -82,7 +74,6 @@ def load_pretrained(model, path, arch):
     if set(missing) != FC_KEYS or unexpected:
         raise UserError(f"--pretrained checkpoint '{path}' does not fit --arch {arch}: missing "
                         f"{sorted(set(missing) - FC_KEYS)[:5]}, unexpected {unexpected[:5]}")
-    return backbone
 
 
 def sanity_check(model_state, pretrained_backbone):
@@ -98,6 +89,8 @@ def sanity_check(model_state, pretrained_backbone):
 # Checks before any process starts.
 # --------------------------------------------------------------------------------------------------
 def preflight(args, plan):
+    """Fail on bad input before anything is written or any process starts. Returns the --pretrained
+    backbone (None without --pretrained), read once: its content hash goes to `args.pretrained_sha256`."""
     cli.check_args(args)
     check_amp(args)
     require_usable_arch(args.arch, args.cifar_stem, args.crop_size,
@@ -115,10 +108,11 @@ def preflight(args, plan):
         raise UserError(f"--start-epoch {args.start_epoch} with --epochs {args.epochs} leaves no epoch to "
                         f"train; pass a larger --epochs")
     per_process_batch(args.batch_size, plan.procs_per_node)
-    backbone = None
+    backbone, args.pretrained_sha256 = None, ""
     if args.pretrained:
+        checkpoint, args.pretrained_sha256 = load_checkpoint_and_sha256(args.pretrained, "--pretrained checkpoint")
         model = model_constructor(args.arch, args.cifar_stem)()
-        backbone = load_pretrained(model, args.pretrained, args.arch)
+        backbone = load_pretrained(model, args.pretrained, args.arch, checkpoint)
     if args.resume:
         checkpoint = load_checkpoint(args.resume, what="--resume checkpoint")
         resumed = checkpoint_state_dict(checkpoint, args.resume, what="--resume checkpoint")
@@ -135,6 +129,7 @@ def preflight(args, plan):
                             f"{checkpoint['arch']}, this run uses --arch {args.arch}")
     if not args.evaluate:
         check_output_dir(args.output_dir)
+    return backbone
 
 
 def require_same_backbone(resumed, backbone, args):
@@ -214,10 +209,10 @@ def main(args):
         from moco.synthetic import default_dataset
         args.data = default_dataset(log=print)
     plan = plan_launch(args)
-    preflight(args, plan)
+    # every process of this node takes the backbone read here: the weights that were checked and hashed
+    process = functools.partial(lincls_process, backbone=preflight(args, plan))
     if args.evaluate:  # writes nothing
-        return run_processes(lincls_process, plan, args)
-    args.pretrained_sha256 = file_sha256(args.pretrained) if args.pretrained else ""
+        return run_processes(process, plan, args)
     log = RunLog(args.output_dir, is_main=plan.rank == 0)
     # one run at a time per --output-dir: process 0 of the run holds the lock while it lives
     with RunLock(args.output_dir, "main_lincls.py", log.info) if plan.rank == 0 else contextlib.nullcontext():
@@ -226,26 +221,31 @@ def main(args):
         args.resume, finished_best = earlier_run(args, log)
         if args.resume is None:
             return {"best_acc1": finished_best}
-        return run_processes(lincls_process, plan, args)
+        return run_processes(process, plan, args)
 
 
 # --------------------------------------------------------------------------------------------------
 # One process.
 # --------------------------------------------------------------------------------------------------
-def build_classifier(args, num_classes, device):
+def build_classifier(args, num_classes, device, backbone=None):
+    """The classifier to train: the --pretrained `backbone` (read from the file when not given), frozen,
+    and a new fc layer. Returns (model, the backbone's weights or None)."""
     model = model_constructor(args.arch, args.cifar_stem)(num_classes=num_classes)
     for name, param in model.named_parameters():
         param.requires_grad = name in FC_KEYS
     nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(model.fc.bias)
-    backbone = load_pretrained(model, args.pretrained, args.arch) if args.pretrained else None
+    if backbone is not None:
+        load_backbone(model, backbone, args.pretrained, args.arch)
+    elif args.pretrained:
+        backbone = load_pretrained(model, args.pretrained, args.arch)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, backbone
 
 
-def lincls_process(local_index, plan, args):
+def lincls_process(local_index, plan, args, backbone=None):
     with process_group(plan, local_index, args) as ctx, \
             RunLog(args.output_dir, ctx.is_main, args.tensorboard) as log:
         batch, workers = setup_process(args, ctx)
@@ -253,22 +253,15 @@ def lincls_process(local_index, plan, args):
         train_set = None if args.evaluate else RobustImageFolder(
             os.path.join(args.data, "train"), linear_train_transform(args.crop_size),
             data_seed=args.seed if args.seed is not None else 0)
-        model, backbone = build_classifier(args, len(val_set.classes), ctx.device)
-        if args.compile:
-            model.compile()
-        model = wrap_ddp(model, ctx.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        assert len(params) == 2, "only fc.weight and fc.bias are trained"
-        optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        model, optimizer, backbone = classifier_and_optimizer(args, len(val_set.classes), ctx.device, backbone)
         precision = Precision(args.amp, ctx.device)
         best_acc1 = 0.0
         if args.resume:
             best_acc1 = resume(args, model, optimizer, log)
         val_loader = make_loader(val_set, ShardSampler(len(val_set), ctx.world_size, ctx.rank), batch,
                                  workers, ctx.device, drop_last=False)
-        log.info(f"=> world size {ctx.world_size} ({ctx.procs_per_node} per node, backend {ctx.backend}, "
-                 f"device {ctx.device}), per-process batch {batch}, {workers} loader workers per process, "
-                 f"{precision.describe()}, {len(val_set.classes)} classes; args: {vars(args)}")
+        for line in describe_run(args, ctx, batch, workers, precision, val_set, train_set):
+            log.info(f"=> {line}")
         if args.evaluate:
             acc1, acc5 = validate(val_loader, model, precision, args, ctx, log)
             log.info(f"=> evaluation: Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} on {len(val_set)} images")
@@ -277,23 +270,57 @@ def lincls_process(local_index, plan, args):
         if sampler.steps_per_epoch() == 0:
             raise UserError(f"the {len(train_set)} training images give no full batch of {batch} per process")
         train_loader = make_loader(train_set, sampler, batch, workers, ctx.device, drop_last=True)
-        for epoch in range(args.start_epoch, args.epochs):
+        first_epoch = args.start_epoch
+        for epoch in range(first_epoch, args.epochs):
             sampler.set_epoch(epoch)
             lr = adjust_learning_rate(optimizer, epoch, args)
             train_stats = train_one_epoch(train_loader, model, optimizer, precision, epoch, lr, args, ctx, log)
             acc1, acc5 = validate(val_loader, model, precision, args, ctx, log)
             is_best = acc1 > best_acc1
             best_acc1 = max(acc1, best_acc1)
-            if epoch == args.start_epoch and backbone is not None:  # before the save: no broken checkpoint
+            if epoch == first_epoch and backbone is not None:  # before the save: no broken checkpoint
                 sanity_check(model.state_dict(), backbone)
             if ctx.is_main:
                 save_linear(args, epoch, model, optimizer, best_acc1, is_best)
             barrier()  # every process waits for the files, so none ends the job while they are written
-            log.record({"epoch": epoch, **train_stats, "val_acc1": acc1, "val_acc5": acc5,
-                        "best_acc1": best_acc1}, saved=os.path.join(args.output_dir, "checkpoint.pth.tar"))
+            # the launch's full flags go with its first record
+            log.record({"epoch": epoch, **train_stats, "val_acc1": acc1, "val_acc5": acc5, "best_acc1": best_acc1,
+                        **({"args": vars(args)} if epoch == first_epoch else {})},
+                       saved=os.path.join(args.output_dir, "checkpoint.pth.tar"))
         log.info(f"=> best top-1 {best_acc1:.3f}; checkpoint.pth.tar and model_best.pth.tar in "
                  f"{os.path.abspath(args.output_dir)}")
         return {"best_acc1": best_acc1}
+
+
+def classifier_and_optimizer(args, num_classes, device, backbone):
+    """The DDP-wrapped classifier (see build_classifier), SGD over its fc layer alone, and the backbone."""
+    model, backbone = build_classifier(args, num_classes, device, backbone)
+    if args.compile:
+        model.compile()
+    model = wrap_ddp(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 2, "only fc.weight and fc.bias are trained"
+    optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return model, optimizer, backbone
+
+
+def describe_run(args, ctx, batch, workers, precision, val_set, train_set):
+    """The run's opening lines: launch, data, protocol, where it starts and where results go. (The full
+    flags go to log.txt with the first epoch's record.)"""
+    pretrained = (f"--pretrained '{args.pretrained}' (sha256 {args.pretrained_sha256[:12]}...)" if args.pretrained
+                  else "no --pretrained (random weights)")
+    images = f"{len(train_set)} training and {len(val_set)} validation images" if train_set else \
+        f"{len(val_set)} validation images"
+    lines = [f"world size {ctx.world_size} ({ctx.procs_per_node} per node, backend {ctx.backend}, device "
+             f"{ctx.device}), per-process batch {batch}, {workers} loader workers per process, "
+             f"{precision.describe()}",
+             f"data: {images} in {args.data}, {len(val_set.classes)} classes",
+             f"model: linear classifier on frozen {args.arch} features of {pretrained}"]
+    if args.evaluate:
+        return lines + [f"evaluating '{args.resume}'; nothing is written"]
+    return lines + [f"recipe: SGD lr {args.lr} (steps at epochs {args.schedule}), momentum {args.momentum}, wd "
+                    f"{args.weight_decay}; {args.epochs} epochs, starting at epoch {args.start_epoch}; "
+                    f"checkpoints and log.txt go to {os.path.abspath(args.output_dir)}"]
 
 
 def resume(args, model, optimizer, log):

@@ -6,6 +6,7 @@ strings, lists, dicts), so every checkpoint loads with `torch.load(weights_only=
 """
 import errno
 import hashlib
+import io
 import os
 import random
 import re
@@ -74,12 +75,34 @@ def copy_checkpoint(src, dst):
 
 def load_checkpoint(path, what="checkpoint"):
     """Load a checkpoint dict on the CPU, or raise UserError naming the file and the problem."""
+    require_file(path, what)
+    return _loaded(lambda: torch.load(path, map_location="cpu", weights_only=True), path, what)
+
+
+def load_checkpoint_and_sha256(path, what="checkpoint"):
+    """(checkpoint, sha256 of its file) from one read of the file: the hash is of the very bytes loaded,
+    even if the file is replaced meanwhile. Errors as `load_checkpoint`'s."""
+    require_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UserError(f"cannot read {what} '{path}': {err.strerror or describe_error(err)}") from None
+    checkpoint = _loaded(lambda: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), path, what)
+    return checkpoint, hashlib.sha256(data).hexdigest()
+
+
+def require_file(path, what):
     if not os.path.exists(path):
         raise UserError(f"{what} '{path}' does not exist")
     if os.path.isdir(path):
         raise UserError(f"{what} '{path}' is a directory, not a checkpoint file")
+
+
+def _loaded(load, path, what):
+    """The checkpoint dict that `load()` returns, its failures turned into one UserError each."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load()
     except OSError as err:
         if err.errno in (errno.EACCES, errno.EPERM, errno.EIO) and err.strerror:  # the file system's reason
             raise UserError(f"cannot read {what} '{path}': {err.strerror}") from None

@@ -8,7 +8,7 @@ from moco.models import model_names
 
 
 def add_data_and_launch_args(parser, default_lr, default_epochs, default_schedule, default_wd):
-    """The flags of SPEC §4/§5 common to main_moco.py and main_lincls.py, then this project's additions."""
+    """The reference's flags common to main_moco.py and main_lincls.py, then this project's additions."""
     parser.add_argument("data", metavar="DIR", nargs="?", default=None,
                         help="path to the dataset (ImageNet layout: DIR/train, DIR/val); "
                              "omitted: the built-in synthetic dataset")

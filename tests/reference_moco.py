@@ -1,7 +1,7 @@
 """A deliberately plain, reference-style MoCo used as an independent oracle by the tests and benchmarks.
 
-It follows the behaviour written down in SPEC.md sections 1-2 (the published MoCo v1/v2 training code
-and the paper's Algorithm 1) in the most literal way: a Python loop for the momentum update, the
+It follows the published MoCo v1/v2 training code (He et al. 2019; Chen et al. 2020) and the
+paper's Algorithm 1 in the most literal way: a Python loop for the momentum update, the
 shuffle done with plain `torch.distributed` calls, the queue written through a Python-int pointer.
 It shares no code with `moco/builder.py` or `moco/distributed.py` on purpose, so that an error there
 cannot be hidden by agreeing with itself.

@@ -1,4 +1,5 @@
-"""main_moco.py's flags: names, aliases, dests, defaults and types of SPEC §4, plus neutral additions."""
+"""main_moco.py's flags: names, aliases, dests, defaults and types of the reference implementation, plus
+neutral additions."""
 import argparse
 
 import pytest
@@ -17,8 +18,8 @@ def _action(parser, dest):
     return matches[0]
 
 
-# (option strings, dest, default, type) straight from the SPEC §4 table
-SPEC_FLAGS = [
+# (option strings, dest, default, type) of the reference implementation's command line
+REFERENCE_FLAGS = [
     (["-a", "--arch"], "arch", "resnet50", None),
     (["-j", "--workers"], "workers", 32, int),
     (["--epochs"], "epochs", 200, int),
@@ -40,7 +41,7 @@ SPEC_FLAGS = [
     (["--moco-m"], "moco_m", 0.999, float),
     (["--moco-t"], "moco_t", 0.07, float),
 ]
-SPEC_SWITCHES = [
+REFERENCE_SWITCHES = [
     ("--multiprocessing-distributed", "multiprocessing_distributed"),
     ("--mlp", "mlp"),
     ("--aug-plus", "aug_plus"),
@@ -48,7 +49,7 @@ SPEC_SWITCHES = [
 ]
 
 
-@pytest.mark.parametrize("options, dest, default, kind", SPEC_FLAGS, ids=[f[1] for f in SPEC_FLAGS])
+@pytest.mark.parametrize("options, dest, default, kind", REFERENCE_FLAGS, ids=[f[1] for f in REFERENCE_FLAGS])
 def test_spec_flag_names_dest_default_and_type(parser, options, dest, default, kind):
     action = _action(parser, dest)
     assert sorted(action.option_strings) == sorted(options)
@@ -58,7 +59,7 @@ def test_spec_flag_names_dest_default_and_type(parser, options, dest, default, k
         assert action.type is kind
 
 
-@pytest.mark.parametrize("option, dest", SPEC_SWITCHES)
+@pytest.mark.parametrize("option, dest", REFERENCE_SWITCHES)
 def test_spec_switches_are_off_by_default(parser, option, dest):
     action = _action(parser, dest)
     assert action.option_strings == [option]

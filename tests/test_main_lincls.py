@@ -246,7 +246,7 @@ def test_flags_follow_spec():
 
 
 def test_launch_flags_match_main_moco_and_no_moco_flags(capsys):
-    """The shared flags are main_moco.py's, with only the four SPEC §5 defaults differing."""
+    """The shared flags are main_moco.py's, with only the reference's four linear-classification defaults differing."""
     moco_actions = _actions(main_moco.get_args_parser())
     lincls_actions = _actions(main_lincls.get_args_parser())
     moco_only = {"moco_dim", "moco_k", "moco_m", "moco_t", "mlp", "aug_plus", "cos",
@@ -385,7 +385,7 @@ def test_sanity_check_catches_changed_backbone(released_v2, changed):
 def test_linear_run_on_released_checkpoint(v2_run, released_v2):
     out, stdout, result = v2_run["out"], v2_run["stdout"], v2_run["result"]
     checkpoint = load(os.path.join(out, "checkpoint.pth.tar"))
-    # SPEC's entries, and `run`: the flags that tell a rerun of this run from another run
+    # the reference's entries, and `run`: the flags that tell a rerun of this run from another run
     assert set(checkpoint) == {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "run"}
     assert checkpoint["run"]["pretrained"] == os.path.realpath(released_v2)
     assert (checkpoint["epoch"], checkpoint["arch"]) == (2, "resnet18")

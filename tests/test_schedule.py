@@ -1,4 +1,4 @@
-"""The learning-rate schedules of SPEC §4 against plain arithmetic."""
+"""The learning-rate schedules of the reference (step at --schedule, or cosine with --cos) against plain arithmetic."""
 import argparse
 import math
 
