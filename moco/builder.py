@@ -95,6 +95,42 @@ def add_mlp_head(encoder):
     return encoder
 
 
+def build_encoder(base_encoder, dim, mlp, bn_splits):
+    """`base_encoder` with a `dim`-dimensional output, MoCo v2's MLP head (`mlp`) and SplitBatchNorm."""
+    encoder = base_encoder(num_classes=dim)
+    if mlp:
+        add_mlp_head(encoder)
+    if bn_splits > 1:
+        convert_to_split_bn(encoder, bn_splits)
+    return encoder
+
+
+@torch.no_grad()
+def batch_shuffle(x):
+    """Shuffling BN (He et al. 2019, Sec. 3.3): shuffle the global key batch across processes, so that the
+    key encoder's BN never sees the query's batch composition.
+
+    Returns this process's slice of the permuted global batch and the inverse permutation.
+    """
+    x_all = concat_all_gather(x)  # B_all x ...
+    batch_all = x_all.shape[0]
+    # drawn on the CPU generator (as the reference does) and made identical on every process; copied
+    # from pinned memory, so that the host does not wait for the GPU to finish the step so far
+    perm = to_device(torch.randperm(batch_all), x.device)
+    broadcast_from_main(perm)
+    idx_unshuffle = torch.argsort(perm)
+    idx_this = perm.view(get_world_size(), -1)[get_rank()]
+    return x_all[idx_this], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x, idx_unshuffle):
+    """Undo `batch_shuffle`: gather the encoded slices, return this process's original rows."""
+    x_all = concat_all_gather(x)  # B_all x ...
+    idx_this = idx_unshuffle.view(get_world_size(), -1)[get_rank()]
+    return x_all[idx_this]
+
+
 class MoCo(nn.Module):
     """Momentum Contrast (MoCo v1/v2).
 
@@ -119,8 +155,8 @@ class MoCo(nn.Module):
         self.T = T
         self.symmetric = symmetric
 
-        self.encoder_q = self._build_encoder(base_encoder, dim, mlp, bn_splits)
-        self.encoder_k = self._build_encoder(base_encoder, dim, mlp, bn_splits)
+        self.encoder_q = build_encoder(base_encoder, dim, mlp, bn_splits)
+        self.encoder_k = build_encoder(base_encoder, dim, mlp, bn_splits)
         for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             param_k.data.copy_(param_q.data)
             param_k.requires_grad = False  # the key encoder follows by momentum, never by gradient
@@ -128,15 +164,6 @@ class MoCo(nn.Module):
         # queue: dim x K, each column a unit-length key
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @staticmethod
-    def _build_encoder(base_encoder, dim, mlp, bn_splits):
-        encoder = base_encoder(num_classes=dim)
-        if mlp:
-            add_mlp_head(encoder)
-        if bn_splits > 1:
-            convert_to_split_bn(encoder, bn_splits)
-        return encoder
 
     def keys_per_step(self, global_batch):
         """Keys enqueued per step for a global batch: doubled with the symmetric loss."""
@@ -151,33 +178,10 @@ class MoCo(nn.Module):
         torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
-    def _batch_shuffle(self, x):
-        """Shuffle the global key batch across processes so BN never sees the query's batch composition.
-
-        Returns this process's slice of the permuted global batch and the inverse permutation.
-        """
-        x_all = concat_all_gather(x)  # B_all x ...
-        batch_all = x_all.shape[0]
-        # drawn on the CPU generator (as the reference does) and made identical on every process; copied
-        # from pinned memory, so that the host does not wait for the GPU to finish the step so far
-        perm = to_device(torch.randperm(batch_all), x.device)
-        broadcast_from_main(perm)
-        idx_unshuffle = torch.argsort(perm)
-        idx_this = perm.view(get_world_size(), -1)[get_rank()]
-        return x_all[idx_this], idx_unshuffle
-
-    @torch.no_grad()
-    def _batch_unshuffle(self, x, idx_unshuffle):
-        """Undo `_batch_shuffle`: gather the encoded slices, return this process's original rows."""
-        x_all = concat_all_gather(x)  # B_all x ...
-        idx_this = idx_unshuffle.view(get_world_size(), -1)[get_rank()]
-        return x_all[idx_this]
-
-    @torch.no_grad()
     def _encode_keys(self, im_k):
-        im_k, idx_unshuffle = self._batch_shuffle(im_k)
+        im_k, idx_unshuffle = batch_shuffle(im_k)
         k = F.normalize(self.encoder_k(im_k), dim=1)  # keys: N x C
-        return self._batch_unshuffle(k, idx_unshuffle)
+        return batch_unshuffle(k, idx_unshuffle)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):

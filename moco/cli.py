@@ -9,6 +9,12 @@ from moco.models import model_names
 
 def add_data_and_launch_args(parser, default_lr, default_epochs, default_schedule, default_wd):
     """The reference's flags common to main_moco.py and main_lincls.py, then this project's additions."""
+    add_reference_args(parser, default_lr, default_epochs, default_schedule, default_wd)
+    add_project_args(parser)
+
+
+def add_reference_args(parser, default_lr, default_epochs, default_schedule, default_wd):
+    """The reference implementation's shared flags: names, aliases, dests and defaults unchanged."""
     parser.add_argument("data", metavar="DIR", nargs="?", default=None,
                         help="path to the dataset (ImageNet layout: DIR/train, DIR/val); "
                              "omitted: the built-in synthetic dataset")
@@ -46,7 +52,10 @@ def add_data_and_launch_args(parser, default_lr, default_epochs, default_schedul
     parser.add_argument("--multiprocessing-distributed", action="store_true",
                         help="use multi-processing distributed training to launch N processes per node, "
                              "which has N GPUs")
-    # additions of this project: all off or neutral by default
+
+
+def add_project_args(parser):
+    """This project's additions: all off or neutral by default."""
     parser.add_argument("--crop-size", default=224, type=int, metavar="N", help="training crop size")
     parser.add_argument("--cifar-stem", action="store_true",
                         help="3x3 stride-1 first conv and no max-pool, for small (32-64 px) images")

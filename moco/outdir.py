@@ -70,6 +70,18 @@ def describe_owner(owner):
             f"{owner.get('started', '?')})")
 
 
+def read_owner(lock_path):
+    """The owner recorded in a lock file, {} for an unreadable lock, None for no lock."""
+    try:
+        with open(lock_path) as f:
+            owner = json.load(f)
+        return owner if isinstance(owner, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
 class RunLock:
     """`with RunLock(output_dir, prog, log):` holds OUTPUT_DIR/run.lock for the run's lifetime.
 
@@ -107,7 +119,7 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._read() == self.owner:
+        if read_owner(self.path) == self.owner:
             try:
                 os.remove(self.path)
             except OSError:
@@ -130,20 +142,9 @@ class RunLock:
             json.dump(self.owner, f)
         return True
 
-    def _read(self):
-        """The owner recorded in the lock, {} for an unreadable lock, None for no lock."""
-        try:
-            with open(self.path) as f:
-                owner = json.load(f)
-            return owner if isinstance(owner, dict) else {}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
     def _check_owner(self):
         """Refuse while the lock's owner is alive; remove the lock of an owner that is gone."""
-        owner = self._read()
+        owner = read_owner(self.path)
         if owner is None:
             return
         try:
@@ -163,7 +164,7 @@ class RunLock:
             raise UserError(f"--output-dir '{self.output_dir}' is in use by {describe_owner(owner)}; wait for "
                             f"it to finish or choose another --output-dir (if that run is gone, delete "
                             f"'{self.path}')")
-        if self._read() != owner:  # another run took it over meanwhile: look again
+        if read_owner(self.path) != owner:  # another run took it over meanwhile: look again
             return
         self.log(f"=> taking over the lock of --output-dir from {describe_owner(owner)}: {why}")
         try:
