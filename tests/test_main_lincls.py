@@ -491,6 +491,30 @@ def test_two_process_training_with_fewer_val_images_than_processes(tmp_path, rel
     assert len(read_log(out)) == 1
 
 
+def test_pretrained_file_is_read_once_and_hashed_from_the_bytes_loaded(tmp_path, released_v2):
+    """--pretrained as a named pipe that yields the checkpoint once: a second read of the file (by a hash
+    over it, or by a process loading it again) would wait forever for a writer, and the run time out."""
+    import hashlib
+    import threading
+    make_image_folder(tmp_path / "data", classes=1, train_per_class=4, val_per_class=1)
+    data = open(released_v2, "rb").read()
+    pipe = tmp_path / "pre.pth.tar"
+    os.mkfifo(pipe)
+
+    def write_once():
+        with open(pipe, "wb") as f:  # waits for the reader
+            f.write(data)
+    threading.Thread(target=write_once, daemon=True).start()
+    out = tmp_path / "out"
+    proc = run_script([tmp_path / "data", *SMALL, "--pretrained", pipe, "-b", "4", "--epochs", "1",
+                       "--output-dir", out], threads=1, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = load(out / "checkpoint.pth.tar")
+    assert checkpoint["run"]["pretrained_sha256"] == hashlib.sha256(data).hexdigest()
+    assert_backbone_equals(checkpoint["state_dict"], encoder_q_backbone(load(released_v2)))
+    assert read_log(out)[0]["args"]["pretrained_sha256"] == hashlib.sha256(data).hexdigest()
+
+
 def test_cli_run_on_main_moco_checkpoint(tmp_path, image_folder, moco_checkpoint):
     """The command of the issue's 'done when', on a CPU machine, with only --output-dir added."""
     out = tmp_path / "out"
