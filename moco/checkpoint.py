@@ -271,18 +271,6 @@ def optimizer_tensors(optimizer_state):
             yield f"optimizer state {index}.{key}", value
 
 
-def file_sha256(path):
-    """The sha256 of a file's content (hex): what a run loaded, where its path alone cannot say."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as err:
-        raise UserError(f"cannot read '{path}': {err.strerror}") from None
-    return digest.hexdigest()
-
-
 def remove_stale_partial_files(output_dir, log):
     """Remove the partial files of saves that a killed process (kill -9, a node lost) left in
     `output_dir`, naming each through `log`. A partial file whose writer is alive is kept: the caller

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic saves, clear load errors, RNG states, and where to resume."""
+import hashlib
 import os
 import random
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from moco.checkpoint import (capture_rng_state, checkpoint_state_dict, find_resume_checkpoint, first_nonfinite,
-                             load_checkpoint, optimizer_tensors, pretrain_checkpoint_name, pretrain_checkpoints,
+                             load_checkpoint, load_checkpoint_and_sha256, optimizer_tensors, pretrain_checkpoint_name, pretrain_checkpoints,
                              restore_rng_state, save_checkpoint, scan_resume_checkpoints)
 from moco.errors import UserError
 
@@ -16,6 +17,18 @@ def _checkpoint(arch="resnet18", epoch=1):
     return {"epoch": epoch, "arch": arch,
             "state_dict": {"module.encoder_q.conv1.weight": torch.full((2, 3), float(epoch))},
             "optimizer": {"state": {}, "param_groups": []}}
+
+
+def _load_and_hash(path, what="checkpoint"):
+    checkpoint, digest = load_checkpoint_and_sha256(path, what)
+    assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return checkpoint
+
+
+@pytest.fixture(params=[load_checkpoint, _load_and_hash], ids=["load", "load_and_sha256"])
+def load(request):
+    """Both loaders: the same checkpoint and the same one-line errors."""
+    return request.param
 
 
 def test_save_then_load_round_trip(tmp_path):
@@ -38,44 +51,44 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint_0003.pth.tar"]
 
 
-def test_load_missing_file_names_it(tmp_path):
+def test_load_missing_file_names_it(load, tmp_path):
     path = str(tmp_path / "nope.pth.tar")
     with pytest.raises(UserError, match="does not exist") as err:
-        load_checkpoint(path, what="--resume checkpoint")
+        load(path, what="--resume checkpoint")
     assert path in str(err.value) and "--resume checkpoint" in str(err.value)
 
 
-def test_load_directory_names_it(tmp_path):
+def test_load_directory_names_it(load, tmp_path):
     with pytest.raises(UserError, match="directory") as err:
-        load_checkpoint(str(tmp_path))
+        load(str(tmp_path))
     assert str(tmp_path) in str(err.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not a checkpoint\n", b"PK\x03\x04garbage"])
-def test_load_corrupt_file_names_it(tmp_path, content):
+def test_load_corrupt_file_names_it(load, tmp_path, content):
     path = tmp_path / "bad.pth.tar"
     path.write_bytes(content)
     with pytest.raises(UserError, match="not a readable PyTorch checkpoint") as err:
-        load_checkpoint(str(path))
+        load(str(path))
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
 
 
-def test_load_truncated_checkpoint_names_it(tmp_path):
+def test_load_truncated_checkpoint_names_it(load, tmp_path):
     path = tmp_path / "cut.pth.tar"
     torch.save(_checkpoint(), str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError) as err:
-        load_checkpoint(str(path))
+        load(str(path))
     assert str(path) in str(err.value)
 
 
-def test_load_non_dict_names_it(tmp_path):
+def test_load_non_dict_names_it(load, tmp_path):
     path = str(tmp_path / "tensor.pth.tar")
     torch.save(torch.zeros(3), path)
     with pytest.raises(UserError, match="Tensor, not a checkpoint dict") as err:
-        load_checkpoint(path)
+        load(path)
     assert path in str(err.value)
 
 
@@ -163,14 +176,14 @@ def test_find_resume_checkpoint_rejects_another_arch(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
-def test_load_checkpoint_cut_short_like_head_c_names_it(tmp_path):
+def test_load_checkpoint_cut_short_like_head_c_names_it(load, tmp_path):
     """`head -c 5000 ckpt`: torch.load raises OSError (Invalid argument); still one named UserError."""
     whole = tmp_path / "whole.pth.tar"
     torch.save({"state_dict": {"module.encoder_q.w": torch.zeros(4096)}}, str(whole))
     cut = tmp_path / "checkpoint_0001_iter000002.pth.tar"
     cut.write_bytes(whole.read_bytes()[:5000])
     with pytest.raises(UserError, match="not a readable PyTorch checkpoint") as err:
-        load_checkpoint(str(cut), what="--pretrained checkpoint")
+        load(str(cut), what="--pretrained checkpoint")
     assert str(cut) in str(err.value) and "--pretrained checkpoint" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -220,12 +233,3 @@ def test_partial_files_of_gone_writers_are_removed_and_live_ones_kept(tmp_path):
     removed = remove_stale_partial_files(str(tmp_path), said.append)
     assert sorted(os.path.basename(p) for p in removed) == sorted(names[:2])
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:]) and len(said) == 2
-
-
-def test_file_sha256_tells_contents_apart(tmp_path):
-    import hashlib
-    from moco.checkpoint import file_sha256
-    (tmp_path / "a").write_bytes(b"weights")
-    assert file_sha256(str(tmp_path / "a")) == hashlib.sha256(b"weights").hexdigest()
-    with pytest.raises(UserError, match="cannot read"):
-        file_sha256(str(tmp_path / "missing"))
