@@ -1,10 +1,13 @@
-"""moco/guard.py: non-finite losses and SIGTERM, found without a host wait per step and agreed by all."""
+"""moco/guard.py: non-finite losses and SIGTERM, found without a host wait per step and agreed by all;
+PreemptionSignal, which remembers SIGTERM and Ctrl-C."""
+import os
+import signal
 
 import pytest
 import torch
 
 from conftest import fork_gloo_pair
-from moco.guard import NonFiniteLoss, StepGuard
+from moco.guard import NonFiniteLoss, PreemptionSignal, StepGuard
 
 
 class Flag:
@@ -62,3 +65,57 @@ def _agreement(rank, world):
 
 def test_all_processes_agree_in_a_two_process_group(tmp_path):
     fork_gloo_pair(_agreement, tmp_path, "2-process guard")
+
+
+def test_preemption_signal_catches_a_real_sigterm_and_restores_the_handler():
+    seen = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with PreemptionSignal() as preemption:
+            assert preemption.received is False
+            assert signal.getsignal(signal.SIGTERM) is not previous
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the python-level handler runs between bytecodes
+                if preemption.received:
+                    break
+            assert preemption.received is True
+        assert seen == []  # the run's handler took it, not the previous one
+        assert signal.getsignal(signal.SIGTERM) is previous
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            if seen:
+                break
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
+def _deliver(signum, until):
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # the python-level handler runs between bytecodes
+        if until():
+            return
+
+
+def test_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(capsys):
+    with PreemptionSignal() as preemption:
+        _deliver(signal.SIGINT, lambda: preemption.received)
+        assert (preemption.received, preemption.name, preemption.exit_code) == (True, "SIGINT", 130)
+        assert "Ctrl-C again stops without saving" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT, lambda: False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_then_ctrl_c_stops_at_once_and_sigterm_keeps_its_exit_code():
+    with PreemptionSignal() as preemption:
+        _deliver(signal.SIGTERM, lambda: preemption.received)
+        assert (preemption.name, preemption.exit_code) == ("SIGTERM", 143)
+        _deliver(signal.SIGTERM, lambda: False)  # a repeated SIGTERM changes nothing
+        assert preemption.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT, lambda: False)
