@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -28,9 +27,6 @@ from PIL import Image  # noqa: E402
 
 from moco.errors import UserError, run_cli  # noqa: E402
 
-# --------------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------------
 COMMON_FLAGS = {
     "json": dict(metavar="PATH", help="also write the results here (JSON)"),
     "device": dict(help="auto (CUDA where torch sees a GPU), cpu, cuda or cuda:N"),
@@ -81,9 +77,6 @@ def run_script(main, get_args_parser):
     return run_cli(main, get_args_parser().parse_args(), prog=os.path.basename(sys.argv[0]))
 
 
-# --------------------------------------------------------------------------------------------------
-# The device and the machine
-# --------------------------------------------------------------------------------------------------
 def usable_cores():
     """The cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -149,9 +142,6 @@ def recording_machine(device=None):
     facts["load_after"] = os.getloadavg()
 
 
-# --------------------------------------------------------------------------------------------------
-# Generated images
-# --------------------------------------------------------------------------------------------------
 def make_image(rng, width, height):
     """A natural-looking RGB image: a smooth random colour field, some edges and fine texture."""
     coarse = torch.from_numpy(rng.standard_normal((1, 3, height // 24 + 2, width // 24 + 2)).astype(np.float32))
@@ -202,15 +192,6 @@ def scratch_folder(prefix):
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------
-def median_or_none(values):
-    """The median, or None where any value is missing (a figure this platform cannot measure)."""
-    values = list(values)
-    return None if not values or None in values else statistics.median(values)
 
 
 def write_json(result, path):

@@ -237,8 +237,9 @@ def summarize(rounds, pipelines):
     if not rounds:
         return {}
 
-    def medians(key):
-        return {p: bench_common.median_or_none(r[p][key] for r in rounds) for p in pipelines}
+    def medians(key):  # None for a figure this platform does not measure
+        values = {p: [r[p][key] for r in rounds] for p in pipelines}
+        return {p: None if None in v else statistics.median(v) for p, v in values.items()}
 
     pairs = [(f"{kind}-{v}", f"tv-{v}") for kind in ("fast", "dev") for v in ("v1", "v2")]
     return {"rounds": rounds, "median_images_per_s": medians("images_per_s"),
