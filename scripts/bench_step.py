@@ -116,7 +116,7 @@ def _build(args, device, reference):
     if args.reference:
         contenders["reference"] = (step_ref, optimizer(ref), Precision(False, device))
     if args.supervised:
-        contenders["supervised"] = supervised_contender(base, args, device, contenders["ours"][2], optimizer)
+        contenders["supervised"] = supervised_contender(base, args, device, precision, optimizer)
     return contenders
 
 
