@@ -21,51 +21,23 @@ each pipeline's time goes.
 
     python scripts/bench_data.py --workers 2 --images 1024 --rounds 3
 """
-import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as transforms_module
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, where bench_common lives
+import bench_common  # noqa: E402  (it puts the repository on sys.path)
+from bench_common import UserError  # noqa: E402
 
 from moco import batch_aug, crops, device_crops, loader  # noqa: E402
 
 PIPELINES = ("tv-v1", "fast-v1", "dev-v1", "tv-v2", "fast-v2", "dev-v2")
-
-
-def make_image(rng, width, height):
-    """A natural-looking RGB image: a smooth random colour field, some edges and fine texture."""
-    coarse = torch.from_numpy(rng.standard_normal((1, 3, height // 24 + 2, width // 24 + 2)).astype(np.float32))
-    field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]
-    medium = torch.from_numpy(rng.standard_normal((1, 3, height // 3 + 2, width // 3 + 2)).astype(np.float32))
-    field += 0.3 * F.interpolate(medium, size=(height, width), mode="bilinear", align_corners=False)[0]
-    field += 0.2 * torch.from_numpy(rng.standard_normal((3, height, width)).astype(np.float32))
-    base = torch.from_numpy(rng.uniform(60, 190, size=(3, 1, 1)).astype(np.float32))
-    pixels = (field * 45 + base).clamp(0, 255).round().to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
-
-
-def make_dataset(root, n_images, classes=4, seed=0):
-    """`n_images` JPEG files under root/class_k/, 500 x 375 or 375 x 500 (ImageNet's typical sizes)."""
-    rng = np.random.default_rng(seed)
-    for k in range(n_images):
-        folder = os.path.join(root, f"class_{k % classes}")
-        os.makedirs(folder, exist_ok=True)
-        width, height = (500, 375) if rng.random() < 0.7 else (375, 500)
-        make_image(rng, width, height).save(os.path.join(folder, f"{k:06d}.jpg"), quality=95)
-    return root
 
 
 def build(pipeline, root, args, device):
@@ -130,8 +102,7 @@ def measure(pipeline, root, args, device):
     for index, (images, _) in enumerate(iterator):
         if step is not None:
             images = step(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        bench_common.synchronize(device)
         assert images[0].dtype == torch.float32 and images[0].shape[-1] == args.crop_size
         if index == 0:
             start, cpu_start, worker_start = time.perf_counter(), _cpu_seconds(pids), _cpu_seconds(workers)
@@ -222,121 +193,118 @@ def print_profile(profile):
             print(f"    {k:34s} {v:7.3f} ms")
 
 
-def run(args):
-    """Run the benchmark; returns a dict with per-round images/s, ratios and their medians."""
-    device = torch.device(args.device)
+def run(args=None):
+    """Run the benchmark; returns a dict with per-round images/s, ratios and their medians. `args`: a
+    Namespace, an argv list, or a dict of settings over the defaults (bench_common.arguments)."""
+    args = bench_common.arguments(get_args_parser(), args)
+    device = bench_common.resolve_device(args.device)
     torch.set_num_threads(args.main_threads)
     torch.manual_seed(args.seed)
-    tmp = None
-    root = args.data
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="bench_data_")
-        root = tmp
-    try:
-        if args.data is None or not os.path.isdir(root) or not os.listdir(root):
-            t0 = time.perf_counter()
-            make_dataset(root, args.images, seed=args.seed)
-            print(f"generated {args.images} JPEG files in {root} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    with bench_common.recording_machine(device) as machine, bench_common.scratch_folder("bench_data_") as tmp:
+        root = args.data or tmp
+        if not bench_common.holds_files(root):
+            bench_common.generate_jpegs(root, args.images, seed=args.seed)
         n_files = sum(len(files) for _, _, files in os.walk(root))
         if n_files < 2 * args.batch_size:
-            raise SystemExit(f"{n_files} images: need at least two batches of {args.batch_size}")
-        profile = None
-        if args.profile:
-            profile = profile_pipelines(root, args)
+            raise UserError(f"{n_files} images: need at least two batches of {args.batch_size} (--images, --batch-size)")
+        profile = profile_pipelines(root, args) if args.profile else None
+        if profile:
             print_profile(profile)
-        rounds = []
-        for r in range(args.rounds):
-            result = {}
-            for pipeline in args.pipelines:
-                speed, cpu, worker = measure(pipeline, root, args, device)
-                result[pipeline] = {"images_per_s": speed, "cpu_ms_per_image": None if cpu is None else cpu * 1e3,
-                                    "worker_cpu_ms_per_image": None if worker is None else worker * 1e3}
-                cpu_text = "" if cpu is None else f", {cpu * 1e3:6.2f} CPU-ms/image"
-                cpu_text += "" if worker is None else f" ({worker * 1e3:5.2f} in workers)"
-                print(f"round {r}: {pipeline:8s} {speed:8.1f} images/s{cpu_text}", flush=True)
-            rounds.append(result)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        rounds = [measure_round(r, root, args, device) for r in range(args.rounds)]
+    config = {"workers": args.workers, "images": n_files, "batch_size": args.batch_size, "crop_size": args.crop_size,
+              "rounds": args.rounds, "device": str(device), "main_threads": args.main_threads,
+              "draw_params_in": args.draw_params_in, "cpus": os.cpu_count(), "torch": torch.__version__}
+    return {"config": config, "machine": machine, **summarize(rounds, args.pipelines),
+            "profile_cpu_ms_per_image": profile}
+
+
+def measure_round(index, root, args, device):
+    """One pass of every pipeline, in the order given: {pipeline: images/s, CPU-ms per image (all, workers)}."""
+    result = {}
+    for pipeline in args.pipelines:
+        speed, cpu, worker = measure(pipeline, root, args, device)
+        result[pipeline] = {"images_per_s": speed, "cpu_ms_per_image": None if cpu is None else cpu * 1e3,
+                            "worker_cpu_ms_per_image": None if worker is None else worker * 1e3}
+        cpu_text = "" if cpu is None else f", {cpu * 1e3:6.2f} CPU-ms/image"
+        cpu_text += "" if worker is None else f" ({worker * 1e3:5.2f} in workers)"
+        print(f"round {index}: {pipeline:8s} {speed:8.1f} images/s{cpu_text}", flush=True)
+    return result
+
+
+def summarize(rounds, pipelines):
+    """Each pipeline's medians over the rounds, and the fast and device-decode pipelines against
+    torchvision's (of the same recipe) round by round; nothing without rounds."""
     if not rounds:
-        return {"config": vars(args), "profile_cpu_ms_per_image": profile}
-    summary = {p: statistics.median(r[p]["images_per_s"] for r in rounds) for p in args.pipelines}
-    cpu_summary, worker_summary = {}, {}
-    for p in args.pipelines:
-        values = [r[p]["cpu_ms_per_image"] for r in rounds]
-        cpu_summary[p] = None if None in values else statistics.median(values)
-        values = [r[p]["worker_cpu_ms_per_image"] for r in rounds]
-        worker_summary[p] = None if None in values else statistics.median(values)
-    ratios = {}
-    for v, fast, tv in [(v, f"{kind}-{v}", f"tv-{v}") for kind in ("fast", "dev") for v in ("v1", "v2")]:
-        if tv in args.pipelines and fast in args.pipelines:
-            v = fast
-            per_round = [r[fast]["images_per_s"] / r[tv]["images_per_s"] for r in rounds]
-            ratios[v] = {"per_round": per_round, "median": statistics.median(per_round)}
-            if cpu_summary[fast] is not None and cpu_summary[tv] is not None:
-                cpu_rounds = [r[tv]["cpu_ms_per_image"] / r[fast]["cpu_ms_per_image"] for r in rounds]
-                ratios[v]["cpu_per_round"] = cpu_rounds
-                ratios[v]["cpu_median"] = statistics.median(cpu_rounds)
-            if worker_summary[fast] and worker_summary[tv]:
-                worker_rounds = [r[tv]["worker_cpu_ms_per_image"] / r[fast]["worker_cpu_ms_per_image"] for r in rounds]
-                ratios[v]["worker_cpu_per_round"] = worker_rounds
-                ratios[v]["worker_cpu_median"] = statistics.median(worker_rounds)
-    return {
-        "config": {"workers": args.workers, "images": n_files, "batch_size": args.batch_size,
-                   "crop_size": args.crop_size, "rounds": args.rounds, "device": str(device),
-                   "main_threads": args.main_threads, "draw_params_in": args.draw_params_in,
-                   "cpus": os.cpu_count(), "torch": torch.__version__},
-        "rounds": rounds, "median_images_per_s": summary, "median_cpu_ms_per_image": cpu_summary,
-        "median_worker_cpu_ms_per_image": worker_summary,
-        "ratio_fast_over_tv": ratios, "profile_cpu_ms_per_image": profile,
-    }
+        return {}
+
+    def medians(key):  # None for a figure this platform does not measure
+        values = {p: [r[p][key] for r in rounds] for p in pipelines}
+        return {p: None if None in v else statistics.median(v) for p, v in values.items()}
+
+    pairs = [(f"{kind}-{v}", f"tv-{v}") for kind in ("fast", "dev") for v in ("v1", "v2")]
+    return {"rounds": rounds, "median_images_per_s": medians("images_per_s"),
+            "median_cpu_ms_per_image": medians("cpu_ms_per_image"),
+            "median_worker_cpu_ms_per_image": medians("worker_cpu_ms_per_image"),
+            "ratio_fast_over_tv": {fast: ratio(rounds, fast, tv) for fast, tv in pairs
+                                   if fast in pipelines and tv in pipelines}}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--images", type=int, default=1024, help="JPEG files to generate")
+def ratio(rounds, fast, tv):
+    """`fast` against `tv`, per round and the median: images/s fast / tv, and CPU time (all processes,
+    workers only) per image tv / fast where every round measured it."""
+    out = {}
+    for prefix, key, num, den in (("", "images_per_s", fast, tv), ("cpu_", "cpu_ms_per_image", tv, fast),
+                                  ("worker_cpu_", "worker_cpu_ms_per_image", tv, fast)):
+        values = [r[num][key] / r[den][key] if r[num][key] and r[den][key] else None for r in rounds]
+        if None not in values:
+            out[prefix + "per_round"], out[prefix + "median"] = values, statistics.median(values)
+    return out
+
+
+def get_args_parser():
+    p = bench_common.new_parser(__doc__)
+    bench_common.add_flags(p, workers=2, images=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu", help="device of BatchAugment (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="cpu", help="device of BatchAugment: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--main-threads", type=int, default=1, help="torch threads of the main process")
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     p.add_argument("--data", default=None, help="existing ImageFolder root (else a generated temporary one)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the result dict to this file")
+    bench_common.add_flags(p, seed=0, json=None)
     p.add_argument("--draw-params-in", choices=("worker", "main"), default="worker",
                    help="where the fast path draws the colour parameters: in the loader workers with the crops "
                         "(crop_flip_transform(crop, aug_plus)) or in the main process (BatchAugment)")
     p.add_argument("--profile", action="store_true",
                    help="first print a single-process CPU-time breakdown of each pipeline's stages")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args=None):
+    args = bench_common.arguments(get_args_parser(), args)
     result = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if "median_images_per_s" not in result:
-        return result
-    print()
-    print(f"{'pipeline':10s} {'images/s':>10s} {'CPU-ms/image':>13s} {'in workers':>11s}   (medians over rounds)")
+    bench_common.write_json(result, args.json)
+    if "median_images_per_s" in result:
+        print_summary(result)
+    return result
+
+
+def print_summary(result):
+    """The medians over the rounds, one pipeline a line, then the ratios to torchvision's pipelines."""
+    print(f"\n{'pipeline':10s} {'images/s':>10s} {'CPU-ms/image':>13s} {'in workers':>11s}   (medians over rounds)")
     for p, v in result["median_images_per_s"].items():
         cpu, worker = result["median_cpu_ms_per_image"][p], result["median_worker_cpu_ms_per_image"][p]
         print(f"{p:10s} {v:10.1f} {'n/a' if cpu is None else f'{cpu:.2f}':>13s} "
               f"{'n/a' if worker is None else f'{worker:.2f}':>11s}")
     for name, r in result["ratio_fast_over_tv"].items():
         rounds = ", ".join(f"{x:.2f}" for x in r["per_round"])
-        print(f"ratio {name} / tv: images/s {r['median']:.2f}x (rounds: {rounds})", end="")
+        line = f"ratio {name} / tv: images/s {r['median']:.2f}x (rounds: {rounds})"
         if "cpu_median" in r:
-            print(f"; by CPU time per image {r['cpu_median']:.2f}x", end="")
+            line += f"; by CPU time per image {r['cpu_median']:.2f}x"
         if "worker_cpu_median" in r:
-            print(f"; by worker CPU time per image {r['worker_cpu_median']:.2f}x", end="")
-        print()
-    return result
+            line += f"; by worker CPU time per image {r['worker_cpu_median']:.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":
-    main()
+    bench_common.run_script(main, get_args_parser)

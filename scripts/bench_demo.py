@@ -4,36 +4,39 @@ random-init features. Each seed generates its own data set and trains from scrat
 
     python scripts/bench_demo.py --seeds 0 1 2
 """
-import argparse
-import json
 import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, where bench_common lives
+import bench_common  # noqa: E402  (it puts the repository on sys.path)
 import demo  # noqa: E402
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def get_args_parser():
+    parser = bench_common.new_parser(__doc__)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output-dir", default=os.path.join(demo.REPO, "runs", "bench_demo"))
+    parser.add_argument("--output-dir", default=os.path.join(bench_common.REPO, "runs", "bench_demo"))
     parser.add_argument("--tiny", action="store_true", help="seconds-long settings (smoke test)")
-    args = parser.parse_args(argv)
-    machine = {"cores": os.cpu_count(), "load_before": os.getloadavg()}
-    runs = {}
-    for seed in args.seeds:
-        demo_argv = ["--seed", str(seed), "--output-dir", os.path.join(args.output_dir, f"seed{seed}")]
-        runs[seed] = demo.main(demo.get_args_parser().parse_args(demo_argv + (["--tiny"] if args.tiny else [])))
-    machine["load_after"] = os.getloadavg()
+    return parser
+
+
+def main(args=None):
+    args = bench_common.arguments(get_args_parser(), args)
+    with bench_common.recording_machine() as machine:
+        runs = {seed: run_demo(seed, args) for seed in args.seeds}
     summary = summarize(runs)
     print_summary(runs, summary)
     print(describe_machine(machine))
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({"runs": runs, "summary": summary, "machine": machine}, f, indent=1)
+    bench_common.write_json({"runs": runs, "summary": summary, "machine": machine},
+                            os.path.join(args.output_dir, "summary.json"))
     return summary
+
+
+def run_demo(seed, args):
+    """One demo: its own generated data set, trained from scratch, in OUTPUT_DIR/seed<seed>."""
+    argv = ["--seed", str(seed), "--output-dir", os.path.join(args.output_dir, f"seed{seed}")]
+    return demo.main(demo.get_args_parser().parse_args(argv + (["--tiny"] if args.tiny else [])))
 
 
 def describe_machine(machine):
@@ -59,16 +62,16 @@ def summarize(runs):
 
 
 def print_summary(runs, summary):
-    print("\n| seed | random kNN | MoCo kNN | margin | random linear | MoCo linear | minutes |")
-    print("|---|---|---|---|---|---|---|")
-    for seed, r in runs.items():
-        print(f"| {seed} | {r['random']['knn_top1']:.1f} | {r['moco']['knn_top1']:.1f} | "
-              f"{r['moco']['knn_top1'] - r['random']['knn_top1']:+.1f} | {r['random']['linear_top1']:.1f} | "
-              f"{r['moco']['linear_top1']:.1f} | {r['minutes']:.1f} |")
+    rows = [[seed, f"{r['random']['knn_top1']:.1f}", f"{r['moco']['knn_top1']:.1f}",
+             f"{r['moco']['knn_top1'] - r['random']['knn_top1']:+.1f}", f"{r['random']['linear_top1']:.1f}",
+             f"{r['moco']['linear_top1']:.1f}", f"{r['minutes']:.1f}"] for seed, r in runs.items()]
     cell = {name: f"{v['mean']:.1f} ± {v['std']:.1f}" for name, v in summary.items()}
-    print(f"| mean ± std | {cell['random knn_top1']} | {cell['moco knn_top1']} | {cell['knn margin']} | "
-          f"{cell['random linear_top1']} | {cell['moco linear_top1']} | {cell['minutes']} |")
+    rows.append(["mean ± std"] + [cell[name] for name in ("random knn_top1", "moco knn_top1", "knn margin",
+                                                            "random linear_top1", "moco linear_top1", "minutes")])
+    print()
+    bench_common.print_markdown_table(
+        ["seed", "random kNN", "MoCo kNN", "margin", "random linear", "MoCo linear", "minutes"], rows)
 
 
 if __name__ == "__main__":
-    main()
+    bench_common.run_script(main, get_args_parser)

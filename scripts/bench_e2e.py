@@ -3,7 +3,7 @@
 
 For each flag set it runs `main_moco.py` (a subprocess of this interpreter: the real script, loop,
 loader, workers and checkpoints) for two epochs on a generated ImageNet-like JPEG folder (500 x 375 or
-375 x 500 px, about 110 kB per file, scripts/bench_data.py) with the MoCo v2 recipe, and reads the
+375 x 500 px, about 110 kB per file: bench_common.generate_jpegs) with the MoCo v2 recipe, and reads the
 second epoch's steady-state figures from its log.txt: images/s between the synchronised points of the
 loop (every --print-freq steps, where the host has waited for the device), from 10 % into the epoch to
 its end, and the fraction of that time spent waiting for data. The second epoch starts with an empty
@@ -22,26 +22,19 @@ Flag sets (--sets): default (the reference configuration: fp32, torchvision PIL 
 (--amp --channels-last), fast (+ --fast-aug), fast-compile (+ --compile), decode (--amp --channels-last
 --device-decode), decode-compile (+ --compile). Without CUDA, --amp and --compile are left out.
 """
-import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, REPO)
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import bench_data  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, where bench_common lives
+import bench_common  # noqa: E402  (it puts the repository on sys.path)
 import bench_step  # noqa: E402
+from bench_common import REPO, UserError  # noqa: E402
 
 FLAG_SETS = {
     "default": [],
@@ -54,57 +47,29 @@ FLAG_SETS = {
 CUDA_ONLY = ("--amp", "--compile")
 
 
-def cpu_count():
-    """The cores this process may use (a container or `taskset` may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+# Small enough for 4 minutes on 2 idle cores: 8 steps of 16 images of 48 px per epoch.
+QUICK = {"arch": "resnet18", "batch": 16, "crop": 48, "moco_k": 4096, "images": 128, "print_freq": 2,
+         "step_steps": 3, "step_warmup": 1, "workers": 2}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="end-to-end main_moco.py throughput",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small CPU configuration, a few minutes")
+    parser = bench_common.new_parser(__doc__)
+    bench_common.add_flags(parser, quick=False)
     parser.add_argument("--sets", nargs="+", default=list(FLAG_SETS), choices=list(FLAG_SETS))
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch", default=256, type=int, help="-b of main_moco.py")
     parser.add_argument("--crop", default=224, type=int)
     parser.add_argument("--moco-k", default=65536, type=int)
-    parser.add_argument("--workers", default=None, type=int, help="-j (default: the CPU count)")
-    parser.add_argument("--images", default=22528, type=int, help="generated training images")
+    bench_common.add_flags(parser, workers=None, images=22528)
     parser.add_argument("--print-freq", default=10, type=int, help="-p: the synchronised points")
     parser.add_argument("--data", default=None, help="existing folder with train/ (else generated)")
     parser.add_argument("--step-steps", default=20, type=int, help="timed steps of each step-only run")
     parser.add_argument("--step-warmup", default=3, type=int, help="untimed steps before them")
     parser.add_argument("--set-timeout", default=None, type=float,
-                        help="seconds allowed to one end-to-end run (default: no limit)")
+                        help="seconds allowed to one end-to-end run (None: no limit)")
     parser.add_argument("--skip-step", action="store_true", help="only the end-to-end runs")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    bench_common.add_flags(parser, json=None)
     return parser
-
-
-def apply_quick(args):
-    """Small enough for 4 minutes on 2 idle cores: 8 steps of 16 images of 48 px per epoch."""
-    args.arch, args.batch, args.crop, args.moco_k = "resnet18", 16, 48, 4096
-    args.images, args.print_freq, args.step_steps, args.step_warmup = 128, 2, 3, 1
-    args.workers = args.workers or 2
-
-
-def _make_part(job):
-    root, start, stop, seed = job
-    rng = np.random.default_rng(seed)
-    for k in range(start, stop):
-        folder = os.path.join(root, "train", f"class_{k % 10}")
-        os.makedirs(folder, exist_ok=True)
-        width, height = (500, 375) if rng.random() < 0.7 else (375, 500)
-        bench_data.make_image(rng, width, height).save(os.path.join(folder, f"{k:06d}.jpg"), quality=95)
-
-
-def make_folder(root, images, processes):
-    """`images` ImageNet-like JPEG files under root/train/class_*/, made by `processes` processes."""
-    chunk = max(1, images // (4 * processes))
-    jobs = [(root, s, min(images, s + chunk), 1000 + s) for s in range(0, images, chunk)]
-    with multiprocessing.Pool(processes) as pool:
-        pool.map(_make_part, jobs)
-    return root
 
 
 def run_e2e(name, flags, args, data, out_root):
@@ -137,11 +102,9 @@ def run_e2e(name, flags, args, data, out_root):
 def run_step(flags, args, device):
     """Step-only capacity (images/s) of the same model and flags: random inputs on the device,
     `--step-steps` steps between two synchronisations."""
-    result = bench_step.run({
-        "arch": args.arch, "batch": args.batch, "crop": args.crop, "moco_k": args.moco_k, "mlp": True,
-        "moco_t": 0.2, "amp": "--amp" in flags, "channels_last": "--channels-last" in flags,
-        "compile": "--compile" in flags, "steps": args.step_steps, "warmup": args.step_warmup, "rounds": 1,
-        "reference": False, "device": str(device)})
+    result = bench_step.run_moco_v2(args, amp="--amp" in flags, channels_last="--channels-last" in flags,
+                                    compile="--compile" in flags, steps=args.step_steps, warmup=args.step_warmup,
+                                    rounds=1, reference=False, device=str(device))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU's memory to the end-to-end run
     return result["ours"]["images_per_s"]
@@ -172,63 +135,64 @@ def compare(steps, e2e):
     return row
 
 
-def main(args):
-    if args.quick:
-        apply_quick(args)
-    args.workers = args.workers if args.workers is not None else cpu_count()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def flag_sets(names, device):
+    """The flag sets to run: without CUDA, --amp and --compile are left out, and so are the sets that
+    then repeat an earlier one."""
     sets = {}
-    for name in args.sets:
+    for name in names:
         flags = FLAG_SETS[name]
         if device.type != "cuda":
             flags = [f for f in flags if f not in CUDA_ONLY]
         if flags not in sets.values():
             sets[name] = flags
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {cpu_count()}"
-    results = {}
-    report = {"device": device_name, "torch": torch.__version__, "usable_cpus": cpu_count(),
-              "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
-    tmp = tempfile.mkdtemp(prefix="bench_e2e_")
-    try:
-        data = args.data
-        if data is None:
-            t0 = time.perf_counter()
-            data = make_folder(os.path.join(tmp, "data"), args.images, cpu_count())
-            print(f"generated {args.images} JPEG files in {time.perf_counter() - t0:.0f} s", flush=True)
-        for name, flags in sets.items():
-            row = measure_set(name, flags, args, data, tmp, device)
-            results[name] = {"flags": " ".join(flags) or "(none)", **row}
-            print(f"{name}: {results[name]}", flush=True)
-            write_json(report, args.json)  # after each set: a run cut short keeps what it measured
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return sets
+
+
+def main(args=None):
+    parser = get_args_parser()
+    args = bench_common.arguments(parser, args)
+    if args.quick:
+        bench_common.apply_quick(args, parser, QUICK)
+    args.workers = args.workers if args.workers is not None else bench_common.usable_cores()
+    if args.data is not None and not os.path.isdir(os.path.join(args.data, "train")):
+        raise UserError(f"--data {args.data}: no train/ folder in it (main_moco.py reads DIR/train/CLASS/*)")
+    device = bench_common.resolve_device("auto")
+    with bench_common.recording_machine(device) as machine, bench_common.scratch_folder("bench_e2e_") as tmp:
+        report = {"device": machine["device_name"], "torch": torch.__version__, "usable_cpus": machine["usable_cores"],
+                  "config": {k: v for k, v in vars(args).items() if k != "json"}, "machine": machine, "results": {}}
+        data = args.data or os.path.join(tmp, "data")
+        if args.data is None:
+            bench_common.generate_jpegs(os.path.join(data, "train"), args.images, classes=10, seed=1000,
+                                        processes=bench_common.usable_cores())
+        for name, flags in flag_sets(args.sets, device).items():
+            report["results"][name] = {"flags": " ".join(flags) or "(none)",
+                                       **measure_set(name, flags, args, data, tmp, device)}
+            print(f"{name}: {report['results'][name]}", flush=True)
+            bench_common.write_json(report, args.json)  # after each set: a run cut short keeps what it measured
     print_table(report)
-    write_json(report, args.json)
+    bench_common.write_json(report, args.json)
     return report
 
 
-def write_json(report, path):
-    if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-
-
 def print_table(report):
-    print(f"\n{report['device']}, {report['config']['arch']}, batch {report['config']['batch']}, "
-          f"crop {report['config']['crop']}, K {report['config']['moco_k']}, -j {report['config']['workers']}")
-    print("| set | flags | end to end img/s | Data share | step-only img/s (before, after) | ratio |")
-    print("|---|---|---|---|---|---|")
-    for name, r in report["results"].items():
-        if "error" in r:
-            print(f"| {name} | {r['flags']} | failed: {r['error']} | | | |")
-            continue
-        ratio = r.get("ratio_e2e_over_step", "-")
-        if "measurement_error" in r:
-            ratio = f"{ratio} (measurement error: above 1)"
-        steps = r.get("step_images_per_s_before_after")
-        print(f"| {name} | {r['flags']} | {r.get('steady_images_per_s')} | {r.get('steady_data_fraction')} | "
-              f"{r.get('step_images_per_s', '-')}{f' ({steps[0]}, {steps[1]})' if steps else ''} | {ratio} |")
+    config = report["config"]
+    print(f"\n{report['device']}, {config['arch']}, batch {config['batch']}, crop {config['crop']}, "
+          f"K {config['moco_k']}, -j {config['workers']}")
+    bench_common.print_markdown_table(
+        ["set", "flags", "end to end img/s", "Data share", "step-only img/s (before, after)", "ratio"],
+        [table_row(name, r) for name, r in report["results"].items()])
+
+
+def table_row(name, r):
+    if "error" in r:
+        return [name, r["flags"], f"failed: {r['error']}", "", "", ""]
+    ratio = r.get("ratio_e2e_over_step", "-")
+    if "measurement_error" in r:
+        ratio = f"{ratio} (measurement error: above 1)"
+    steps = r.get("step_images_per_s_before_after")
+    step = f"{r.get('step_images_per_s', '-')}{f' ({steps[0]}, {steps[1]})' if steps else ''}"
+    return [name, r["flags"], r.get("steady_images_per_s"), r.get("steady_data_fraction"), step, ratio]
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    bench_common.run_script(main, get_args_parser)

@@ -14,21 +14,19 @@ min and max give the spread.
     python scripts/bench_step.py                       # ResNet-18, batch 32, 64 x 64 crops, K 4096, CPU or GPU
     python scripts/bench_step.py --mlp --json out.json
 
-`run(args)` returns the results as a dict (args: an argparse.Namespace from `parse_args`, or a dict of
-overrides of its defaults), for scripts that collect several benchmarks.
+`run(args)` returns the results as a dict (args: a Namespace, an argv list, or a dict of settings over
+the defaults), for scripts that collect several benchmarks (bench_e2e.py, benchmark.py).
 """
 import argparse
 import importlib.util
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, where bench_common lives
+import bench_common  # noqa: E402  (it puts the repository on sys.path)
+from bench_common import UserError  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -47,56 +45,39 @@ def main_moco_settings(args):
 
 def load_reference():
     """tests/reference_moco.py, imported from its path (tests/ is not a package)."""
-    path = os.path.join(REPO_ROOT, "tests", "reference_moco.py")
+    path = os.path.join(bench_common.REPO, "tests", "reference_moco.py")
     spec = importlib.util.spec_from_file_location("reference_moco", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet18", help="torchvision model constructor (default resnet18)")
-    p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
-    p.add_argument("--crop", type=int, default=64, help="image side (default 64)")
+def get_args_parser():
+    p = bench_common.new_parser(__doc__)
+    p.add_argument("--arch", default="resnet18", help="torchvision model constructor")
+    p.add_argument("--batch", type=int, default=32, help="images per step")
+    p.add_argument("--crop", type=int, default=64, help="image side")
     p.add_argument("--moco-dim", type=int, default=128)
-    p.add_argument("--moco-k", type=int, default=4096, help="queue length (default 4096)")
+    p.add_argument("--moco-k", type=int, default=4096, help="queue length")
     p.add_argument("--moco-m", type=float, default=0.999)
-    p.add_argument("--moco-t", type=float, default=None, help="temperature (default 0.07, 0.2 with --mlp)")
+    p.add_argument("--moco-t", type=float, default=None, help="temperature (None: 0.07, 0.2 with --mlp)")
     p.add_argument("--mlp", action="store_true", help="MoCo v2 MLP head")
     p.add_argument("--symmetric", action="store_true", help="symmetric loss (CIFAR demo)")
-    p.add_argument("--bn-splits", type=int, default=1, help="split BN groups (default 1: plain BN)")
+    p.add_argument("--bn-splits", type=int, default=1, help="split BN groups (1: plain BN)")
     p.add_argument("--amp", action="store_true", help="ours only: bf16 autocast (fp16 where bf16 is missing)")
     p.add_argument("--channels-last", action="store_true", help="ours only: NHWC memory format")
     p.add_argument("--compile", action="store_true", help="ours only: torch.compile the encoders")
     p.add_argument("--supervised", action="store_true",
                    help="also time a plain supervised step of the backbone (one crop, same options as ours)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model and round (default 10)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per model (default 3)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model and round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="time only this MoCo (and --supervised), not the reference-style one")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's)")
     p.add_argument("--lr", type=float, default=0.03)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
+    bench_common.add_flags(p, device="auto", seed=0, json=None)
     return p
-
-
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _build(args, device, reference):
@@ -135,19 +116,24 @@ def _build(args, device, reference):
     if args.reference:
         contenders["reference"] = (step_ref, optimizer(ref), Precision(False, device))
     if args.supervised:
-        supervised = base(num_classes=1000).to(device).train()
-        if args.channels_last:
-            supervised.to(memory_format=torch.channels_last)
-        if args.compile:
-            supervised.compile()
-        labels = torch.zeros(args.batch, dtype=torch.long, device=device)
-
-        def step_supervised(im_q, im_k):
-            return F.cross_entropy(supervised(im_q), labels)
-
-        contenders["supervised"] = (with_fast_options(step_supervised, args, precision),
-                                    optimizer(supervised, precision.fused_sgd or None), precision)
+        contenders["supervised"] = supervised_contender(base, args, device, precision, optimizer)
     return contenders
+
+
+def supervised_contender(base, args, device, precision, optimizer):
+    """A plain supervised step of the backbone on the query crop, with our fast options and optimizer."""
+    supervised = base(num_classes=1000).to(device).train()
+    if args.channels_last:
+        supervised.to(memory_format=torch.channels_last)
+    if args.compile:
+        supervised.compile()
+    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
+
+    def step_supervised(im_q, im_k):
+        return F.cross_entropy(supervised(im_q), labels)
+
+    return with_fast_options(step_supervised, args, precision), optimizer(supervised, precision.fused_sgd or None), \
+        precision
 
 
 def with_fast_options(step, args, precision):
@@ -167,7 +153,7 @@ def with_fast_options(step, args, precision):
 def _steps(contender, batches, steps, device):
     """`steps` consecutive steps between two synchronisations: (seconds per step, losses as tensors)."""
     forward, opt, precision = contender
-    _sync(device)
+    bench_common.synchronize(device)
     start = time.perf_counter()
     losses = []
     for i in range(steps):
@@ -175,28 +161,44 @@ def _steps(contender, batches, steps, device):
         loss = forward(im_q, im_k)
         precision.backward_and_step(loss, opt)
         losses.append(loss.detach())
-    _sync(device)
+    bench_common.synchronize(device)
     return (time.perf_counter() - start) / steps, losses
 
 
-def run(args):
-    if isinstance(args, dict):
-        args = argparse.Namespace(**{**vars(parse_args([])), **args})
+def run(args=None):
+    """The benchmark's results as a dict (see the module's docstring for `args`)."""
+    args = bench_common.arguments(get_args_parser(), args)
     keys_per_step = args.batch * (2 if args.symmetric else 1)
     if args.moco_k % keys_per_step:
-        raise SystemExit(f"--moco-k {args.moco_k} must be a multiple of the keys per step, {keys_per_step}")
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of the keys per step, {keys_per_step}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
+    device = bench_common.resolve_device(args.device)
     main_moco_settings(args)
-    reference = load_reference()
-    models = _build(args, device, reference)
+    with bench_common.recording_machine(device) as machine:
+        models = _build(args, device, load_reference())
+        times, losses = time_contenders(models, random_batches(args, device), args, device)
+    result = {"benchmark": "train_step", "config": {k: v for k, v in vars(args).items() if k != "json"},
+              "device": str(device), "device_name": machine["device_name"], "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": machine}
+    result.update(summarize_times(times, args))
+    result.update(peak_memory(device))
+    result.update(compare_losses(losses))
+    return result
 
+
+def random_batches(args, device):
+    """Two (query, key) pairs of random images on `device`, used in turn."""
     g = torch.Generator().manual_seed(args.seed + 1)
     shape = (args.batch, 3, args.crop, args.crop)
-    batches = [(torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device))
-               for _ in range(2)]
+    return [(torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device))
+            for _ in range(2)]
 
+
+def time_contenders(models, batches, args, device):
+    """Warm-up steps of each model (their losses kept), then `--rounds` timed rounds of each, interleaved
+    (A B, B A, A B, ...) so that noise from other work hits both alike: ({name: seconds per step of each
+    round}, {name: warm-up losses})."""
     times = {name: [] for name in models}
     losses = {}
     # both models draw the same shuffle permutations: each starts every round from the same generator
@@ -207,30 +209,19 @@ def run(args):
     for r in range(args.rounds):
         for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
             torch.set_rng_state(rng)
-            seconds, _ = _steps(models[name], batches, args.steps, device)
-            times[name].append(seconds)
+            times[name].append(_steps(models[name], batches, args.steps, device)[0])
+    return times, losses
 
-    result = {
-        "benchmark": "train_step",
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
+
+def summarize_times(times, args):
+    """Each contender's round times and throughput (of the median round), and the ratios between them."""
+    result = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        result[name] = {
-            "median_s": med,
-            "mean_s": statistics.fmean(ts),
-            "min_s": min(ts),
-            "max_s": max(ts),
-            "images_per_s": args.batch / med,
-            "step_times_s": ts,  # per round: its time over its steps
-            "steps_per_round": args.steps,
-        }
+        result[name] = {"median_s": med, "mean_s": statistics.fmean(ts), "min_s": min(ts), "max_s": max(ts),
+                        "images_per_s": args.batch / med,
+                        "step_times_s": ts,  # per round: its time over its steps
+                        "steps_per_round": args.steps}
     if "reference" in result:
         result["ratio_ours_over_reference"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
         # the fastest round of each: least disturbed by other work on a shared machine
@@ -239,20 +230,34 @@ def run(args):
         # an asymmetric MoCo step ideally costs 4/3 of a supervised one (one more forward pass)
         ceiling = 0.75 * result["supervised"]["images_per_s"]
         result["ratio_ours_over_ideal"] = result["ours"]["images_per_s"] / ceiling
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    result["peak_memory_mib"] = round((peak if peak is not None else peak_rss_bytes()) / 2**20, 1)
-    result["peak_memory_kind"] = "cuda max_memory_allocated" if peak is not None else "process peak RSS"
-    if "reference" not in result:
-        result["losses"] = losses
-        return result
-    # Same start, same inputs, same permutations: the first step's losses must agree to float rounding,
-    # a check that both did the same work. Later steps drift apart: training on noise images is chaotic,
-    # a 1e-7 relative change of one weight grows to differences of 0.1 in ten steps.
-    diffs = [abs(a - b) for a, b in zip(losses["ours"], losses["reference"])]
-    result["first_step_loss_difference"] = diffs[0]
-    result["loss_difference_per_step"] = diffs
-    result["losses"] = losses
     return result
+
+
+def peak_memory(device):
+    """The peak memory of the run: the GPU's max allocated, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_kind": "cuda max_memory_allocated"}
+    return {"peak_memory_mib": round(peak_rss_bytes() / 2**20, 1), "peak_memory_kind": "process peak RSS"}
+
+
+def compare_losses(losses):
+    """The warm-up losses, and with the reference how far ours are from its.
+
+    Same start, same inputs, same permutations: the first step's losses must agree to float rounding,
+    a check that both did the same work. Later steps drift apart: training on noise images is chaotic,
+    a 1e-7 relative change of one weight grows to differences of 0.1 in ten steps."""
+    if "reference" not in losses:
+        return {"losses": losses}
+    diffs = [abs(a - b) for a, b in zip(losses["ours"], losses["reference"])]
+    return {"first_step_loss_difference": diffs[0], "loss_difference_per_step": diffs, "losses": losses}
+
+
+def run_moco_v2(args, **settings):
+    """run() with main_moco.py's MoCo v2 head and temperature (--mlp --moco-t 0.2) and the model, batch,
+    crop and queue length of `args` (the flags of bench_e2e.py and benchmark.py), plus `settings`."""
+    return run({"arch": args.arch, "batch": args.batch, "crop": args.crop, "moco_k": args.moco_k, "mlp": True,
+                "moco_t": 0.2, **settings})
 
 
 def peak_rss_bytes():
@@ -280,15 +285,13 @@ def report(result):
         print(f"  first-step |loss difference| (same start): {result['first_step_loss_difference']:.2e}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args=None):
+    args = bench_common.arguments(get_args_parser(), args)
     result = run(args)
     report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    bench_common.write_json(result, args.json)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    bench_common.run_script(main, get_args_parser)

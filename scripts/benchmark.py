@@ -16,25 +16,20 @@ d. peak memory (GPU max allocated, or the process's peak RSS on the CPU).
 
 Output: a table on stdout and a JSON file (--json, default benchmark.json in the current folder).
 """
-import argparse
-import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
-
-import torch  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, where bench_common lives
+import bench_common  # noqa: E402  (it puts the repository on sys.path)
 import bench_data  # noqa: E402
 import bench_step  # noqa: E402
 
+QUICK = {"arch": "resnet18", "batch": 32, "crop": 64, "moco_k": 4096, "steps": 6, "warmup": 2, "images": 256}
+
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="MoCo performance suite",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small CPU configuration, under 2 minutes")
+    parser = bench_common.new_parser(__doc__)
+    bench_common.add_flags(parser, quick=False)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch", default=256, type=int, help="images per step on this device")
     parser.add_argument("--crop", default=224, type=int)
@@ -42,73 +37,64 @@ def get_args_parser():
     parser.add_argument("--steps", default=20, type=int, help="timed steps per contender")
     parser.add_argument("--warmup", default=5, type=int)
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
-    parser.add_argument("--workers", default=None, type=int, help="data-pipeline workers (default: cores)")
-    parser.add_argument("--images", default=1024, type=int, help="JPEG files for the data benchmark")
+    bench_common.add_flags(parser, workers=None, images=1024)
     parser.add_argument("--skip-data", action="store_true")
-    parser.add_argument("--json", default="benchmark.json")
+    bench_common.add_flags(parser, json="benchmark.json")
     return parser
-
-
-def apply_quick(args):
-    args.arch, args.batch, args.crop, args.moco_k = "resnet18", 32, 64, 4096
-    args.steps, args.warmup, args.images = 6, 2, 256
 
 
 def step_benchmark(args, device):
     fast = device.type == "cuda"
-    return bench_step.run({
-        "arch": args.arch, "batch": args.batch, "crop": args.crop, "moco_k": args.moco_k, "mlp": True,
-        "moco_t": 0.2, "steps": args.steps, "warmup": args.warmup, "device": str(device),
-        "amp": fast, "channels_last": fast, "compile": args.compile, "supervised": True,
-    })
+    return bench_step.run_moco_v2(args, steps=args.steps, warmup=args.warmup, device=str(device), amp=fast,
+                                  channels_last=fast, compile=args.compile, supervised=True)
 
 
 def data_benchmark(args, device):
-    argv = ["--workers", str(args.workers or os.cpu_count()), "--images", str(args.images),
-            "--crop-size", "224", "--device", str(device)]
-    return bench_data.run(bench_data.parse_args(argv))
+    return bench_data.run({"workers": args.workers or bench_common.usable_cores(), "images": args.images,
+                           "crop_size": 224, "device": str(device)})
 
 
-def main(args):
+def main(args=None):
+    parser = get_args_parser()
+    args = bench_common.arguments(parser, args)
     if args.quick:
-        apply_quick(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    results = {"device": str(device), "device_name": name, "args": vars(args)}
+        bench_common.apply_quick(args, parser, QUICK)
+    device = bench_common.resolve_device("auto")
+    results = {"device": str(device), "device_name": bench_common.device_name(device), "args": vars(args)}
     results["step"] = step_benchmark(args, device)
     bench_step.report(results["step"])
     if not args.skip_data:
         results["data"] = data_benchmark(args, device)
     print_table(results)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    bench_common.write_json(results, args.json)
     print(f"\nwritten: {os.path.abspath(args.json)}")
     return results
 
 
 def print_table(results):
     step = results["step"]
-    print(f"\n| measure ({results['device']}: {results['device_name']}) | value |\n|---|---|")
-    print(f"| MoCo step, fast path | {step['ours']['images_per_s']:.1f} img/s |")
-    print(f"| MoCo step, reference configuration | {step['reference']['images_per_s']:.1f} img/s |")
-    print(f"| fast / reference | {step['ratio_ours_over_reference']:.2f}x |")
-    print(f"| supervised step (same options) | {step['supervised']['images_per_s']:.1f} img/s |")
-    print(f"| MoCo / (0.75 x supervised) | {step['ratio_ours_over_ideal']:.2f} |")
-    print(f"| peak memory ({step['peak_memory_kind']}) | {step['peak_memory_mib']:.0f} MiB |")
-    for name, value in flatten_data(results.get("data", {})):
-        print(f"| data: {name} | {value} |")
+    print()
+    bench_common.print_markdown_table([f"measure ({results['device']}: {results['device_name']})", "value"], [
+        ("MoCo step, fast path", f"{step['ours']['images_per_s']:.1f} img/s"),
+        ("MoCo step, reference configuration", f"{step['reference']['images_per_s']:.1f} img/s"),
+        ("fast / reference", f"{step['ratio_ours_over_reference']:.2f}x"),
+        ("supervised step (same options)", f"{step['supervised']['images_per_s']:.1f} img/s"),
+        ("MoCo / (0.75 x supervised)", f"{step['ratio_ours_over_ideal']:.2f}"),
+        (f"peak memory ({step['peak_memory_kind']})", f"{step['peak_memory_mib']:.0f} MiB"),
+    ] + [(f"data: {name}", value) for name, value in flatten_data(results.get("data", {}))])
 
 
 def flatten_data(data):
     """The data benchmark's median throughputs and fast/torchvision ratios as table rows."""
     rows = [(f"{name} pipeline", f"{value:.1f} img/s")
             for name, value in (data.get("median_images_per_s") or {}).items()]
+    labels = {"median": "wall", "cpu_median": "CPU time", "worker_cpu_median": "worker CPU time"}
     for pipeline, ratio in (data.get("ratio_fast_over_tv") or {}).items():
-        workers = f"; {ratio['worker_cpu_median']:.2f}x" if "worker_cpu_median" in ratio else ""
-        rows.append((f"{pipeline} / torchvision (wall; CPU time{'; worker CPU time' if workers else ''})",
-                     f"{ratio['median']:.2f}x; {ratio['cpu_median']:.2f}x{workers}"))
+        measured = [key for key in labels if key in ratio]
+        rows.append((f"{pipeline} / torchvision ({'; '.join(labels[key] for key in measured)})",
+                     "; ".join(f"{ratio[key]:.2f}x" for key in measured)))
     return rows
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    bench_common.run_script(main, get_args_parser)

@@ -5,30 +5,28 @@ import os
 import platform
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, where bench_common lives
+
 
 def main():
-    print(f"python {platform.python_version()} ({sys.executable}), cores usable "
-          f"{len(os.sched_getaffinity(0))} of {os.cpu_count()}")
+    print(f"python {platform.python_version()} ({sys.executable})")
     try:
-        import torch
-        import torchvision
+        import bench_common  # imports torch and torchvision
     except ImportError as err:
         print(f"cannot import torch and torchvision: {err}")
         return 3
-    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
-          f"torchvision {torchvision.__version__}")
+    facts = bench_common.machine_facts()
+    print(f"cores usable {facts['usable_cores']} of {facts['cores']}, load average (1 / 5 / 15 min) "
+          + " / ".join(f"{v:.2f}" for v in facts["load_before"]))
+    print(f"torch {facts['torch']} (CUDA {facts['cuda']}, cuDNN {facts['cudnn']}), torchvision {facts['torchvision']}")
     try:
         import pytest
         print(f"pytest {pytest.__version__}")
     except ImportError:
         print("pytest: not installed")
-    if not torch.cuda.is_available():
-        return 4
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        print(f"GPU {i}: {props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}, "
-              f"bf16 {torch.cuda.is_bf16_supported()}")
-    return 0
+    for index, gpu in enumerate(facts["gpus"]):
+        print(f"GPU {index}: {gpu['name']}, {gpu['memory_gib']} GiB, capability {gpu['capability']}, bf16 {gpu['bf16']}")
+    return 0 if facts["gpus"] else 4
 
 
 if __name__ == "__main__":
