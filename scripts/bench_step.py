@@ -5,8 +5,8 @@ One step = forward (query and key encoders, shuffle, logits) + cross-entropy + b
 random images already on the device (no data loading). Both models start from the same weights and
 queue and consume the same random numbers. Each round times `--steps` consecutive steps of one model
 between two synchronisations, as main_moco.py's loop runs them (the host queues step after step and
-waits only at its check points), with main_moco.py's own process settings (moco.runtime.setup_process:
-cuDNN autotuning on, as in a run without --seed) and its precision (moco.runtime.Precision: bf16
+waits only at its check points), with main_moco.py's own process settings (moco.distributed.setup_process:
+cuDNN autotuning on, as in a run without --seed) and its precision (moco.precision.Precision: bf16
 autocast, or fp16 with a GradScaler and fused SGD). Rounds are interleaved (A B, B A, A B, ...) so that
 noise from other work on the machine hits both alike; the reported throughput uses the median round,
 min and max give the spread.
@@ -33,11 +33,12 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from moco.builder import MoCo, contrastive_loss  # noqa: E402
-from moco.runtime import Precision, setup_process  # noqa: E402
+from moco.distributed import setup_process  # noqa: E402
+from moco.precision import Precision  # noqa: E402
 
 
 def main_moco_settings(args):
-    """The process settings main_moco.py makes (moco.runtime.setup_process) for a run without --seed:
+    """The process settings main_moco.py makes (moco.distributed.setup_process) for a run without --seed:
     --seed here only makes the contenders' weights equal, it is not main_moco's --seed."""
     run = argparse.Namespace(seed=None, batch_size=args.batch, workers=0)
     setup_process(run, argparse.Namespace(procs_per_node=1))

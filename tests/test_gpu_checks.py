@@ -39,7 +39,7 @@ def test_gpu_checks_without_torch_name_the_interpreter(tmp_path):
 
 def test_step_benchmark_times_rounds_of_steps_with_main_moco_settings():
     """scripts/bench_step.py: rounds of N steps between two synchronisations, with main_moco's process
-    settings (cuDNN autotuning on, as moco.runtime.setup_process sets it for a run without --seed)."""
+    settings (cuDNN autotuning on, as moco.distributed.setup_process sets it for a run without --seed)."""
     import bench_step
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
