@@ -1,78 +1,73 @@
 """Worker side of the fast augmentation path: what the DataLoader workers do per image.
 
-Two forms, both drawing every random number of a sample in the worker (so per-sample seeding and
-exact resumption hold, moco.data.RobustImageFolder) and in the same order:
+Both forms draw every random number of a sample in the worker (so per-sample seeding and exact
+resumption hold, moco.data.RobustImageFolder), in the same order: per crop (q, then k) the
+RandomResizedCrop box with torchvision's own `RandomResizedCrop.get_params` (the recipe's scale and
+ratio, same fallback), the horizontal flip, then the colour parameters (moco.fastaug.params). A sample
+is a dict of named tensors (`box` 2 x 4, `flip` 2, and the colour fields with a leading 2), collated
+by torch's default collate.
 
-* `TwoCropsUint8` (`--fast-aug`): decode once and, per crop, draw the RandomResizedCrop box with
-  torchvision's own `RandomResizedCrop.get_params` (scale (0.2, 1), ratio (3/4, 4/3), same fallback), the
-  horizontal flip (p = 0.5) and the colour parameters (moco.aug_params), then resize each box (bilinear,
-  antialiased, with torch's uint8 kernel) and return a uint8 3 x S x S tensor: no float work in the
-  workers and 4x less inter-process traffic than float32 crops.
-* `EncodedTwoCrops` (`--device-decode`): the worker reads the file and its header only, draws the same
-  parameters from the header's size, and ships the encoded bytes; the training device decodes, crops
-  and resizes (moco.device_crops). Files that the device cannot decode (not JPEG, CMYK) are decoded here
-  and shipped as pixels.
+* `TwoCropsUint8` (`--fast-aug`): decode once (in JPEG draft mode where both crops allow) and resize
+  each box (bilinear, antialiased, with torch's uint8 kernel): `crops`, uint8 2 x 3 x S x S. No float
+  work in the workers and 4x less inter-process traffic than float32 crops.
+* `EncodedTwoCrops` (`--device-decode`): the loader (`read_encoded`) reads the file and its header
+  only; the sample carries the encoded bytes (`payload`), `size` and `is_jpeg`, and the training device
+  decodes, crops and resizes (moco.fastaug.device_decode). Files that the device cannot decode (not
+  JPEG, CMYK) are decoded in the worker and shipped as pixels.
 """
 import io
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
+from torch.utils.data import default_collate
 from torchvision import transforms
 
-from moco.aug_params import PARAM_COLUMNS, ColorRecipe
-
-SCALE = (0.2, 1.0)  # RandomResizedCrop of both MoCo recipes
-RATIO = (3.0 / 4.0, 4.0 / 3.0)
+from moco.data import IMAGE_ERRORS, ImageReadError
+from moco.fastaug.params import ColorDraws
 
 
-class RandomResizedCropFlip:
-    """RandomResizedCrop(size, scale, ratio) then RandomHorizontalFlip(flip_p); returns uint8 3 x H x W.
+class CropDraws:
+    """The crop box and flip of the recipe's RandomResizedCrop and RandomHorizontalFlip."""
 
-    The box comes from torchvision's `RandomResizedCrop.get_params`. The resize is the same filter as
-    the reference's (bilinear, antialiased: PIL's) computed by torch's uint8 kernel on a view of the
-    decoded pixels (about 3x faster than PIL's resize, no float tensors), after JPEG draft decoding where
-    `draft_decode` allows it: the reference's crop up to rounding (a grey level or so).
-    """
+    def __init__(self, recipe):
+        self.scale, self.ratio, self.flip_p = list(recipe.scale), list(recipe.ratio), recipe.flip_p
 
-    def __init__(self, size=224, scale=SCALE, ratio=RATIO, flip_p=0.5):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
-        self.flip_p = flip_p
-
-    def get_params_for_size(self, width, height):
-        """(top, left, height, width, flip) for an image of this size, drawn from the global torch RNG
+    def __call__(self, width, height):
+        """((top, left, height, width), flip) for an image of this size, drawn from the global torch RNG
         exactly as torchvision's RandomResizedCrop and RandomHorizontalFlip draw them."""
         shape_only = torch.empty((), dtype=torch.uint8).expand(1, height, width)
-        i, j, h, w = transforms.RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
-        flip = bool(torch.rand(1) < self.flip_p)
-        return i, j, h, w, flip
+        box = transforms.RandomResizedCrop.get_params(shape_only, self.scale, self.ratio)
+        return box, bool(torch.rand(1) < self.flip_p)
 
-    def get_params(self, img):
-        width, height = img.size if isinstance(img, Image.Image) else (img.shape[-1], img.shape[-2])
-        return self.get_params_for_size(width, height)
 
-    def apply(self, img, params, scale=(1.0, 1.0)):
-        """The crop `params` of `img` (PIL image, or a uint8 3 x H x W tensor) as uint8 3 x S x S.
-        `scale` (decoded / original size, from draft_decode) maps the box onto a reduced decode."""
-        i, j, h, w, flip = params
-        pixels = pixels_of(img) if isinstance(img, Image.Image) else img
-        sx, sy = scale
-        top, left = round(i * sy), round(j * sx)
-        height = max(1, min(round(h * sy), pixels.shape[1] - top))
-        width = max(1, min(round(w * sx), pixels.shape[2] - left))
-        region = pixels[None, :, top:top + height, left:left + width]
-        out = F.interpolate(region, size=self.size, mode="bilinear", align_corners=False, antialias=True)[0]
-        return (out.flip(-1) if flip else out).contiguous()
+def draw_two_crops(recipe, width, height):
+    """Both crops' draws in the order the fast path draws them: {box: 2 x 4, flip: 2, colour fields}."""
+    crop, color = CropDraws(recipe), ColorDraws(recipe)
+    boxes, flips, params = [], [], []
+    for _ in range(2):
+        box, flip = crop(width, height)
+        boxes.append(box)
+        flips.append(flip)
+        params.append(color(1))
+    fields = {name: torch.cat([p[name] for p in params]) for name in params[0]}
+    return {"box": torch.tensor(boxes, dtype=torch.long), "flip": torch.tensor(flips), **fields}
 
-    def __call__(self, img):
-        return self.apply(img, self.get_params(img))
 
-    def __repr__(self):
-        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
-                f"ratio=({self.ratio[0]:.4f}, {self.ratio[1]:.4f}), flip_p={self.flip_p})")
+def resized_crop(pixels, box, flip, size, scale=(1.0, 1.0)):
+    """The crop `box` (top, left, height, width) of uint8 3 x H x W `pixels` as uint8 3 x S x S,
+    flipped where `flip`: the reference's filter (bilinear, antialiased: PIL's) computed by torch's
+    uint8 kernel, up to rounding (a grey level or so). `scale` (decoded / original size, from
+    `draft_decode`) maps the box onto a reduced decode."""
+    i, j, h, w = box
+    sx, sy = scale
+    top, left = round(i * sy), round(j * sx)
+    height = max(1, min(round(h * sy), pixels.shape[1] - top))
+    width = max(1, min(round(w * sx), pixels.shape[2] - left))
+    region = pixels[None, :, top:top + height, left:left + width]
+    out = F.interpolate(region, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return (out.flip(-1) if flip else out).contiguous()
 
 
 def pixels_of(image):
@@ -83,93 +78,47 @@ def pixels_of(image):
 
 def draft_decode(img, boxes, size):
     """Decode a lazily opened JPEG `img` at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which every crop
-    box (top, left, height, width) still has at least `size` pixels each way, and return it as RGB with
-    `draft_scale` (decoded / original size) set. Other images are decoded at full size."""
+    box (top, left, height, width) still has at least `size` pixels each way: (RGB image, scale as
+    decoded / original size). Other images are decoded at full size."""
     width, height = img.size
     if img.format == "JPEG":
-        need_w = min(w for _, _, _, w in boxes) / size[1]
-        need_h = min(h for _, _, h, _ in boxes) / size[0]
-        reduce = min(need_w, need_h)
+        reduce = min(min(w for _, _, _, w in boxes), min(h for _, _, h, _ in boxes)) / size
         if reduce >= 2:  # draft picks the largest reduction that keeps at least the requested size
             img.draft("RGB", (int(width / reduce) + 1, int(height / reduce) + 1))
     rgb = img.convert("RGB")
-    rgb.draft_scale = (rgb.size[0] / width, rgb.size[1] / height)
-    return rgb
+    return rgb, (rgb.size[0] / width, rgb.size[1] / height)
+
+
+def open_lazily(path):
+    """The loader of `--fast-aug`: the image opened (its header read, PIL's errors for files that are not
+    images) but not decoded, so that `TwoCropsUint8` can pick the JPEG draft scale from its crops."""
+    return Image.open(path)
 
 
 class TwoCropsUint8:
-    """Worker-side transform of `--fast-aug`: two uint8 crops of one image, optionally with the
-    parameters of their colour augmentation.
+    """Worker-side transform of `--fast-aug`: the draws of both crops and the uint8 crops themselves, of
+    a PIL image (lazily opened by `open_lazily`, or decoded). Decoding errors of a lazily opened image
+    are the image's (moco.data.ImageReadError)."""
 
-    With `aug_plus=None` it returns `[q, k]` (uint8 3 x S x S tensors) and BatchAugment draws the colour
-    parameters in the main process. With `aug_plus` True/False (v2/v1) it returns `[(q, q_params),
-    (k, k_params)]`, the parameters drawn here (one `AugParams.to_tensor()` row each). It takes a PIL
-    image, or a path (then it opens the file itself and decodes it once, in JPEG draft mode where both
-    crops allow).
-    """
-
-    def __init__(self, crop_size=224, aug_plus=None):
-        self.crop = RandomResizedCropFlip(crop_size, scale=SCALE)
-        self.aug_plus = aug_plus
-        self.recipe = None if aug_plus is None else ColorRecipe(aug_plus)
-
-    def draw(self, width, height):
-        """Both crops' (box + flip, colour parameters or None), in the order the reference draws them."""
-        draws = []
-        for _ in range(2):
-            box = self.crop.get_params_for_size(width, height)
-            params = None if self.recipe is None else self.recipe.sample_params_tensor(1)[0]
-            draws.append((box, params))
-        return draws
-
-    def one(self, image):
-        """One crop of a PIL image (with its colour parameters when they are drawn here)."""
-        box = self.crop.get_params(image)
-        params = None if self.recipe is None else self.recipe.sample_params_tensor(1)[0]
-        crop = self.crop.apply(image, box)
-        return crop if params is None else (crop, params)
+    def __init__(self, crop_size, recipe):
+        self.size, self.recipe = crop_size, recipe
 
     def __call__(self, image):
-        if isinstance(image, str):
-            with Image.open(image) as lazy:
-                draws = self.draw(*lazy.size)
-                image = draft_decode(lazy, [box[:4] for box, _ in draws], self.crop.size)
-        else:
-            draws = self.draw(*image.size)
-        scale = getattr(image, "draft_scale", (1.0, 1.0))
-        pixels = pixels_of(image)  # once for both crops
-        out = [self.crop.apply(pixels, box, scale) for box, _ in draws]
-        if self.recipe is None:
-            return out
-        return [(crop, params) for crop, (_, params) in zip(out, draws)]
+        draws = draw_two_crops(self.recipe, *image.size)
+        try:
+            rgb, scale = draft_decode(image, draws["box"].tolist(), self.size)
+            pixels = pixels_of(rgb)  # once for both crops
+        except IMAGE_ERRORS as err:
+            raise ImageReadError(err) from err
+        finally:
+            if isinstance(image, ImageFile.ImageFile):  # opened from a file: release it
+                image.close()
+        crops = [resized_crop(pixels, box, flip, self.size, scale)
+                 for box, flip in zip(draws["box"].tolist(), draws["flip"].tolist())]
+        return {"crops": torch.stack(crops), **draws}
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.crop!r}, aug_plus={self.aug_plus})"
-
-
-def crop_flip_transform(crop_size=224, aug_plus=None):
-    """The ImageFolder transform of the fast path (`TwoCropsUint8`): `[q, k]` uint8 crops, or with
-    `aug_plus` given `[(q, q_params), (k, k_params)]` with the colour parameters drawn in the worker."""
-    return TwoCropsUint8(crop_size, aug_plus)
-
-
-def open_path(path):
-    """The 'loader' of the fast path's image folder: the path itself (TwoCropsUint8 opens the file, so
-    that it can choose the JPEG draft scale from the crops before decoding). Unreadable files are found
-    by the transform, which raises the same errors as PIL's loader."""
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# --device-decode: the worker ships encoded bytes and the crops to take
-# ----------------------------------------------------------------------------------------------------
-
-# One row of `EncodedCrops.meta` (float64): the image's size and kind, then per crop (q, k) the box and
-# flip, then per crop the colour parameters (AugParams.to_tensor layout).
-META_HEIGHT, META_WIDTH, META_IS_JPEG = 0, 1, 2
-META_BOXES = 3            # q: top, left, height, width, flip; k: the same (10 columns)
-META_PARAMS = 13          # q params (12), k params (12)
-META_COLUMNS = META_PARAMS + 2 * PARAM_COLUMNS
+        return f"{type(self).__name__}(crop_size={self.size}, recipe={self.recipe})"
 
 
 class EncodedImage:
@@ -182,7 +131,7 @@ class EncodedImage:
 
 
 def read_encoded(path):
-    """The 'loader' of `--device-decode`: the file's bytes and size, decoding only what nvJPEG cannot
+    """The loader of `--device-decode`: the file's bytes and size, decoding only what nvJPEG cannot
     (formats other than baseline/progressive RGB or grayscale JPEG). Raises PIL's errors for files
     that are not images, like the default loader."""
     with open(path, "rb") as f:
@@ -196,45 +145,37 @@ def read_encoded(path):
 
 
 class EncodedTwoCrops:
-    """Worker-side transform of `--device-decode`: `EncodedCrops` of one image, with the same random
-    draws (boxes, flips, colour parameters, in the same order) as `TwoCropsUint8(crop_size, aug_plus)`."""
+    """Worker-side transform of `--device-decode`: the draws of `TwoCropsUint8` (the same numbers in the
+    same order), the image's `payload` (its bytes, or its pixels), `size` (height, width), `is_jpeg`
+    and `path`."""
 
-    def __init__(self, crop_size=224, aug_plus=False):
-        self.two_crops = TwoCropsUint8(crop_size, aug_plus)
+    def __init__(self, crop_size, recipe):
+        self.size, self.recipe = crop_size, recipe
 
     def __call__(self, image):
-        draws = self.two_crops.draw(image.width, image.height)
-        meta = torch.zeros(META_COLUMNS, dtype=torch.float64)
-        meta[META_HEIGHT], meta[META_WIDTH], meta[META_IS_JPEG] = image.height, image.width, image.is_jpeg
-        for c, (box, params) in enumerate(draws):
-            meta[META_BOXES + 5 * c:META_BOXES + 5 * c + 5] = torch.tensor(box, dtype=torch.float64)
-            meta[META_PARAMS + PARAM_COLUMNS * c:META_PARAMS + PARAM_COLUMNS * (c + 1)] = params
+        draws = draw_two_crops(self.recipe, image.width, image.height)
         payload = image.pixels.reshape(-1) if image.pixels is not None else np.frombuffer(image.data, np.uint8)
-        return EncodedCrops(torch.from_numpy(payload.copy()), meta, image.path)
+        return {"payload": torch.from_numpy(payload.copy()), "path": image.path,
+                "size": torch.tensor([image.height, image.width]), "is_jpeg": torch.tensor(image.is_jpeg),
+                **draws}
 
     def __repr__(self):
-        return f"{type(self).__name__}(crop_size={self.two_crops.crop.size}, aug_plus={self.two_crops.aug_plus})"
+        return f"{type(self).__name__}(crop_size={self.size}, recipe={self.recipe})"
 
 
-class EncodedCrops:
-    """One sample of `--device-decode` (`payload`: uint8 bytes or pixels, `meta`: META_COLUMNS values,
-    `path`: the file), or, collated by `collate_encoded`, a batch (`payload` and `path` lists, `meta`
-    N x META_COLUMNS)."""
+class Payloads(list):
+    """The encoded payloads of a batch (their sizes differ, so they stay a list), left in pageable memory
+    by the DataLoader's pin_memory thread: the decoder reads them from there."""
 
-    def __init__(self, payload, meta, path):
-        self.payload, self.meta, self.path = payload, meta, path
-
-    def __len__(self):
-        return self.meta.shape[0]
-
-    def pin_memory(self):  # the DataLoader's pin_memory thread calls this; nvJPEG reads pageable bytes
+    def pin_memory(self):
         return self
 
 
 def collate_encoded(batch):
-    """DataLoader collate of `(EncodedCrops, target)` samples: the payloads stay a list (their sizes
-    differ), the metadata and targets are stacked."""
-    samples, targets = zip(*batch)
-    return (EncodedCrops([s.payload for s in samples], torch.stack([s.meta for s in samples]),
-                         [s.path for s in samples]),
-            torch.as_tensor(targets))
+    """DataLoader collate of `--device-decode` samples `(fields, target)`: the default collate, the
+    payloads kept a list."""
+    payloads = Payloads(fields["payload"] for fields, _ in batch)
+    images, targets = default_collate([({k: v for k, v in fields.items() if k != "payload"}, target)
+                                       for fields, target in batch])
+    images["payload"] = payloads
+    return images, targets
