@@ -63,7 +63,7 @@ class OutputPool:
             if len(buf) == nbytes and sys.getrefcount(buf) == self._free_count + 1:  # + the loop's name
                 return torch.frombuffer(buf, dtype=torch.float32).view(shape)
         if len(self.buffers) >= self.max_buffers:
-            self.buffers = [b for b in self.buffers if sys.getrefcount(b) > self._free_count]
+            self.buffers = [b for b in self.buffers if sys.getrefcount(b) > self._free_count + 1]  # + b
             if len(self.buffers) >= self.max_buffers:
                 return torch.empty(shape, dtype=torch.float32)
         self.buffers.append(bytearray(nbytes))
