@@ -54,16 +54,19 @@ class OutputPool:
         del tensor
         self.enabled = self.enabled and sys.getrefcount(probe[0]) == self._free_count
 
+    def _is_free(self, i):
+        return sys.getrefcount(self.buffers[i]) == self._free_count
+
     def empty(self, shape):
         """A CPU float32 tensor of `shape`, over free pooled memory where there is some."""
         nbytes = math.prod(shape) * 4
         if not self.enabled or nbytes == 0:
             return torch.empty(shape, dtype=torch.float32)
-        for buf in self.buffers:
-            if len(buf) == nbytes and sys.getrefcount(buf) == self._free_count + 1:  # + the loop's name
-                return torch.frombuffer(buf, dtype=torch.float32).view(shape)
+        for i in range(len(self.buffers)):  # by index: a name bound to a buffer would count as a user
+            if len(self.buffers[i]) == nbytes and self._is_free(i):
+                return torch.frombuffer(self.buffers[i], dtype=torch.float32).view(shape)
         if len(self.buffers) >= self.max_buffers:
-            self.buffers = [b for b in self.buffers if sys.getrefcount(b) > self._free_count + 1]  # + b
+            self.buffers = [self.buffers[i] for i in range(len(self.buffers)) if not self._is_free(i)]
             if len(self.buffers) >= self.max_buffers:
                 return torch.empty(shape, dtype=torch.float32)
         self.buffers.append(bytearray(nbytes))
