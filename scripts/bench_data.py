@@ -47,7 +47,8 @@ from moco.fastaug import batch_augment  # noqa: E402
 from moco.fastaug.batch_augment import BatchAugment  # noqa: E402
 from moco.fastaug.device_decode import DeviceDecoder  # noqa: E402
 from moco.fastaug.prepare import AugmentOnDevice, DecodeOnDevice  # noqa: E402
-from moco.fastaug.worker import EncodedTwoCrops, TwoCropsUint8, collate_encoded, open_lazily, read_encoded  # noqa: E402,E501
+from moco.fastaug.worker import (EncodedTwoCrops, TwoCropsUint8, collate_encoded, open_lazily,  # noqa: E402
+                                 read_encoded)
 
 PIPELINES = ("tv-v1", "fast-v1", "dev-v1", "tv-v2", "fast-v2", "dev-v2")
 
