@@ -123,6 +123,7 @@ class RobustImageFolder(datasets.ImageFolder):
         self._judge_folder(path, last_error, give_up=True)
 
     def _load(self, path):
+        """The loader's image of `path`; its errors (and a path that is no regular file) as ImageReadError."""
         try:
             require_regular_file(path)
             return self.loader(path)

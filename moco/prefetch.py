@@ -2,15 +2,14 @@
 
 Preparing a batch (the `prepare` of moco.fastaug.train_pipeline) means copying it to the device, with
 `--device-decode` decoding and cropping it there, with `--fast-aug` its colour augmentation, and the
-memory format of `--channels-last`. On CUDA this runs on a side stream one batch ahead of the training step, so that
-it overlaps the step instead of preceding it; the training stream waits for it only when it uses the
-batch. On the CPU (no streams) it runs inline, in order, with the same results.
+memory format of `--channels-last`. On CUDA this runs on a side stream one batch ahead of the training
+step, so that it overlaps the step instead of preceding it; the training stream waits for it only when
+it uses the batch. On the CPU (no streams) it runs inline, in order, with the same results.
 """
 import os
 import sys
 
 import torch
-
 
 
 class SyncDebug:
