@@ -17,11 +17,9 @@ from moco.distributed import (all_reduce_max, per_process_batch, plan_launch, pr
                               setup_process, wrap_ddp)
 from moco.errors import Preempted, UserError, run_cli
 from moco.guard import NonFiniteLoss, PreemptionSignal, StepGuard
-from moco.batch_aug import BatchAugment
-from moco.crops import EncodedTwoCrops, collate_encoded, crop_flip_transform, open_path, read_encoded
-from moco.device_batches import DeviceBatches, SyncDebug
-from moco.device_crops import DeviceDecoder
-from moco.loader import linear_val_transform, pretrain_transform
+from moco.fastaug import train_pipeline
+from moco.prefetch import DeviceBatches, SyncDebug
+from moco.loader import linear_val_transform
 from moco.logs import RunLog, require_tensorboard
 from moco.meters import ThroughputWindow, TrainingMeters
 from moco.models import model_constructor, require_usable_arch
@@ -115,11 +113,10 @@ def train_process(local_index, plan, args):
         batch, workers = setup_process(args, ctx)
         state, encoder = training_state(args, ctx, batch, log)
 
-        dataset = train_dataset(args, state.data_seed)
+        dataset, collate_fn, prepare = train_pipeline(args, state.data_seed, ctx.device)
         sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, state.data_seed, batch)
-        loader = make_loader(dataset, sampler, batch, workers, ctx.device, drop_last=True,
-                             collate_fn=collate_encoded if args.device_decode else None)
-        batches = device_batches(args, loader, dataset, ctx.device)
+        loader = make_loader(dataset, sampler, batch, workers, ctx.device, drop_last=True, collate_fn=collate_fn)
+        batches = DeviceBatches(loader, ctx.device, prepare)
         if sampler.steps_per_epoch() == 0:
             raise UserError(f"the {len(dataset)} training images give no full batch of {batch} per process")
         knn_loaders = make_knn_loaders(args, ctx, batch, workers) if args.knn_freq > 0 else None
@@ -212,28 +209,6 @@ def describe_run(args, ctx, state, encoder, batch, workers, num_images):
         f"{sum(p.numel() for p in encoder.parameters())} parameters in each encoder",
         f"starting at {start}; checkpoints and log.txt go to {os.path.abspath(args.output_dir)}",
     ]
-
-
-def train_dataset(args, data_seed):
-    """DIR/train with the reference's PIL pipeline; with --fast-aug the worker half of the fast path
-    (uint8 crops plus each crop's colour parameters, drawn in the worker so they follow the per-sample
-    seed); with --device-decode only the file bytes and the same draws."""
-    root = os.path.join(args.data, "train")
-    if args.device_decode:
-        return RobustImageFolder(root, EncodedTwoCrops(args.crop_size, args.aug_plus), data_seed,
-                                 loader=read_encoded)
-    if args.fast_aug:
-        return RobustImageFolder(root, crop_flip_transform(args.crop_size, aug_plus=args.aug_plus), data_seed,
-                                 loader=open_path, decodes_in_transform=True)
-    return RobustImageFolder(root, pretrain_transform(args.aug_plus, args.crop_size), data_seed)
-
-
-def device_batches(args, loader, dataset, device):
-    """The loader's batches prepared on the device one batch ahead (moco.device_batches)."""
-    fast = args.fast_aug or args.device_decode
-    augment = BatchAugment(aug_plus=args.aug_plus).to(device) if fast else None
-    decoder = DeviceDecoder(args.crop_size, device, on_bad=dataset.report_unreadable) if args.device_decode else None
-    return DeviceBatches(loader, device, augment=augment, decoder=decoder, channels_last=args.channels_last)
 
 
 def train_one_epoch(batches, steps, state, guard, args, ctx, log):

@@ -44,6 +44,16 @@ class UnreadableImages(UserError, RuntimeError):
     """Most images read so far are unreadable: the folder, not one file, is the problem."""
 
 
+class ImageReadError(Exception):
+    """An image that cannot be read. RobustImageFolder raises it for its loader's errors; a transform
+    that decodes the image itself (its loader having only opened the file) raises it for the decoding's
+    errors. `error` is the original error."""
+
+    def __init__(self, error):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 class NotARegularFile(OSError):
     """An image path that is a FIFO, socket or device: opening it could block forever (a FIFO waits for
     a writer, in an uninterruptible open), so it is skipped like an unreadable image without opening."""
@@ -74,7 +84,7 @@ class RobustImageFolder(datasets.ImageFolder):
     so the data stream does not depend on the number of workers or on where a run was resumed.
     """
 
-    def __init__(self, root, transform=None, data_seed=None, loader=None, decodes_in_transform=False):
+    def __init__(self, root, transform=None, data_seed=None, loader=None):
         try:
             super().__init__(root, transform=transform, **({"loader": loader} if loader else {}))
         except FileNotFoundError as err:
@@ -82,8 +92,6 @@ class RobustImageFolder(datasets.ImageFolder):
         if not self.samples:
             raise UserError(f"image folder '{root}' holds no images")
         self.data_seed = data_seed
-        # with a lazy loader (moco.crops.open_path) the transform decodes, so its errors are the image's
-        self.decodes_in_transform = decodes_in_transform
         # one flag per sample in shared memory, so that all loader workers (and, merged after each
         # epoch by the training script, all processes) report and count each bad image once
         self.bad_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
@@ -102,22 +110,25 @@ class RobustImageFolder(datasets.ImageFolder):
         for attempt in range(1, 1 + 10 * len(self.samples)):
             path, target = self.samples[sample]
             try:
-                require_regular_file(path)
-                image = self.loader(path)
-                if self.decodes_in_transform:
-                    decoded = self._transform(image, epoch, index), target
-                    self.outcomes[sample] = READ_OK
-                    return decoded
-            except IMAGE_ERRORS as err:
-                last_error = err
+                transformed = self._transform(self._load(path), epoch, index)
+            except ImageReadError as unreadable:
+                last_error = err = unreadable.error
                 self._report_bad(sample, path, err)
                 self.outcomes[sample] = READ_FAILED
                 self._judge_folder(path, err)
                 sample = fallback_sample(index, attempt, len(self.samples))
                 continue
             self.outcomes[sample] = READ_OK
-            return self._transform(image, epoch, index), target
+            return transformed, target
         self._judge_folder(path, last_error, give_up=True)
+
+    def _load(self, path):
+        """The loader's image of `path`; its errors (and a path that is no regular file) as ImageReadError."""
+        try:
+            require_regular_file(path)
+            return self.loader(path)
+        except IMAGE_ERRORS as err:
+            raise ImageReadError(err) from err
 
     def _judge_folder(self, path, err, give_up=False):
         """Raise UnreadableImages when the folder, not a few files, is broken: more than MAX_BAD_SHARE of

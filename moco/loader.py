@@ -1,9 +1,11 @@
 """Augmentations of MoCo v1 and v2 (He et al. 2019, Sec. 4; Chen et al. 2020, Sec. 3).
 
-Every recipe is a function of the crop size so that the scripts, the tests and the benchmarks share one
-definition; 224 reproduces the papers.
+Each pre-training recipe is declared once (`MOCO_V1`, `MOCO_V2`: numbers and order of the steps); the
+PIL pipeline here and the fast path (moco.fastaug) are both built from that declaration. Every
+pipeline is a function of the crop size; 224 reproduces the papers.
 """
 import random
+from dataclasses import dataclass
 
 from PIL import ImageFilter
 from torchvision import transforms
@@ -48,29 +50,91 @@ def normalize():
     return transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def moco_v1_augmentation(crop_size=224):
-    """MoCo v1 (the default): crop, grayscale, strong colour jitter, flip."""
+@dataclass(frozen=True)
+class ColorJitterStep:
+    """ColorJitter(brightness, contrast, saturation, hue), applied with probability `p`."""
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    p: float = 1.0
+
+
+@dataclass(frozen=True)
+class GrayscaleStep:
+    """RandomGrayscale(p)."""
+    p: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlurStep:
+    """GaussianBlur with sigma drawn uniformly from `sigma`, applied with probability `p`."""
+    sigma: tuple = (0.1, 2.0)
+    p: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One augmentation recipe of pre-training: RandomResizedCrop(scale, ratio), the colour steps in
+    their order, RandomHorizontalFlip(flip_p). Every pipeline mode is built from it: the PIL pipeline
+    (`augmentation`), and the fast path's worker draws and device operations (moco.fastaug)."""
+    color: tuple
+    scale: tuple = (0.2, 1.0)
+    ratio: tuple = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+
+    def step(self, kind):
+        """The recipe's colour step of type `kind`, or None."""
+        return next((s for s in self.color if isinstance(s, kind)), None)
+
+
+# MoCo v1 (He et al. 2019, Sec. 4): grayscale, then strong colour jitter on every image.
+MOCO_V1 = Recipe(color=(GrayscaleStep(p=0.2), ColorJitterStep(0.4, 0.4, 0.4, 0.4, p=1.0)))
+# MoCo v2 (Chen et al. 2020, Sec. 3; SimCLR's colour distortion and blur): jitter with p=0.8, grayscale,
+# blur with p=0.5.
+MOCO_V2 = Recipe(color=(ColorJitterStep(0.4, 0.4, 0.4, 0.1, p=0.8), GrayscaleStep(p=0.2),
+                        BlurStep(sigma=(0.1, 2.0), p=0.5)))
+
+
+def recipe(aug_plus=False):
+    """The declared recipe of `--aug-plus` (v2) or not (v1), looked up when called."""
+    return MOCO_V2 if aug_plus else MOCO_V1
+
+
+def _maybe(transform, p):
+    # RandomApply draws a number even for p=1: a step that always applies stays a plain transform
+    return transform if p >= 1.0 else transforms.RandomApply([transform], p=p)
+
+
+def _pil_step(step):
+    if isinstance(step, ColorJitterStep):
+        return _maybe(transforms.ColorJitter(step.brightness, step.contrast, step.saturation, step.hue), step.p)
+    if isinstance(step, GrayscaleStep):
+        return transforms.RandomGrayscale(p=step.p)
+    if isinstance(step, BlurStep):
+        return _maybe(GaussianBlur(step.sigma), step.p)
+    raise TypeError(f"unknown colour step {step!r}")
+
+
+def augmentation(declared, crop_size=224):
+    """The PIL pipeline of a declared `Recipe`: crop, colour steps, flip, to tensor, normalise."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(crop_size, scale=declared.scale, ratio=declared.ratio),
+        *[_pil_step(step) for step in declared.color],
+        transforms.RandomHorizontalFlip(p=declared.flip_p),
         transforms.ToTensor(),
         normalize(),
     ])
+
+
+def moco_v1_augmentation(crop_size=224):
+    """MoCo v1 (the default): crop, grayscale, strong colour jitter, flip."""
+    return augmentation(recipe(False), crop_size)
 
 
 def moco_v2_augmentation(crop_size=224):
     """MoCo v2 (`--aug-plus`): SimCLR-style jitter applied with p=0.8, grayscale, blur with p=0.5, flip."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize(),
-    ])
+    return augmentation(recipe(True), crop_size)
 
 
 def pretrain_transform(aug_plus=False, crop_size=224):

@@ -6,9 +6,11 @@ temporary folder, then measures images/s (one image = its two crops) of
 
 * ``tv-v1`` / ``tv-v2``: ImageFolder + ``moco.loader.pretrain_transform(aug_plus)`` (PIL/torchvision,
   normalised float crops made in the workers) in a DataLoader with N workers;
-* ``fast-v1`` / ``fast-v2``: ImageFolder + ``moco.batch_aug.crop_flip_transform`` (uint8 crops made in the
-  workers) in the same DataLoader, plus ``moco.batch_aug.BatchAugment`` applied to both crops of every
-  batch in the main process on ``--device``; that work is inside the timing.
+* ``fast-v1`` / ``fast-v2``: ImageFolder + ``moco.fastaug.worker.TwoCropsUint8`` (uint8 crops and colour
+  parameters drawn in the workers) in the same DataLoader, plus ``moco.fastaug.batch_augment.BatchAugment``
+  applied to both crops of every batch in the main process on ``--device``; that work is inside the timing.
+* ``dev-v1`` / ``dev-v2``: ``--device-decode``'s workers (``moco.fastaug.worker.EncodedTwoCrops``) and
+  decoding, cropping and augmenting on ``--device``.
 
 Pipelines run in interleaved rounds (tv-v1, fast-v1, tv-v2, fast-v2, then again) so that load from other
 processes hits all of them alike; each round's ratio fast/tv is taken from the two runs of that round,
@@ -35,7 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, wher
 import bench_common  # noqa: E402  (it puts the repository on sys.path)
 from bench_common import UserError  # noqa: E402
 
-from moco import batch_aug, crops, device_crops, loader  # noqa: E402
+from moco import loader  # noqa: E402
+from moco.fastaug import batch_augment  # noqa: E402
+from moco.fastaug.batch_augment import BatchAugment  # noqa: E402
+from moco.fastaug.device_decode import DeviceDecoder  # noqa: E402
+from moco.fastaug.prepare import AugmentOnDevice, DecodeOnDevice  # noqa: E402
+from moco.fastaug.worker import (EncodedTwoCrops, TwoCropsUint8, collate_encoded, open_lazily,  # noqa: E402
+                                 read_encoded)
 
 PIPELINES = ("tv-v1", "fast-v1", "dev-v1", "tv-v2", "fast-v2", "dev-v2")
 
@@ -48,23 +56,15 @@ def build(pipeline, root, args, device):
         transform = loader.pretrain_transform(aug_plus=aug_plus, crop_size=args.crop_size)
         step = None
     elif pipeline.startswith("dev"):  # --device-decode: bytes from the workers, decoded on `device`
-        transform = crops.EncodedTwoCrops(args.crop_size, aug_plus)
-        image_loader, collate = crops.read_encoded, crops.collate_encoded
-        decoder = device_crops.DeviceDecoder(args.crop_size, device)
-        augment = batch_aug.BatchAugment(aug_plus=aug_plus).to(device)
-
-        def step(images):
-            return augment(decoder(images))
+        recipe = loader.recipe(aug_plus)
+        transform = EncodedTwoCrops(args.crop_size, recipe)
+        image_loader, collate = read_encoded, collate_encoded
+        step = DecodeOnDevice(DeviceDecoder(args.crop_size, device), BatchAugment(recipe), device)
     else:
-        in_worker = args.draw_params_in == "worker"
-        transform = batch_aug.crop_flip_transform(args.crop_size, aug_plus if in_worker else None)
-        image_loader = crops.open_path  # the transform decodes, in JPEG draft mode where the crops allow
-        augment = batch_aug.BatchAugment(aug_plus=aug_plus).to(device)
-
-        def step(images):
-            if in_worker:  # [[q_u8, q_params], [k_u8, k_params]]
-                return augment([[x.to(device, non_blocking=True), p] for x, p in images])
-            return augment([x.to(device, non_blocking=True) for x in images])
+        recipe = loader.recipe(aug_plus)
+        transform = TwoCropsUint8(args.crop_size, recipe)
+        image_loader = open_lazily  # the transform decodes, in JPEG draft mode where the crops allow
+        step = AugmentOnDevice(BatchAugment(recipe), device)
     dataset = datasets.ImageFolder(root, transform, loader=image_loader)
     data_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                              pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate)
@@ -158,27 +158,30 @@ def profile_pipelines(root, args, n_images=256):
         result[f"tv-{v}"] = totals
         # fast path: decode + crop/flip twice + collate in the worker, BatchAugment in the main process
         totals = {}
-        worker = batch_aug.TwoCropsUint8(args.crop_size, aug_plus if args.draw_params_in == "worker" else None)
-        crop = _Timed(worker.one, "crop+flip+params (worker)", totals)
+        worker = TwoCropsUint8(args.crop_size, loader.recipe(aug_plus))
+        crop = _Timed(worker, "crop+flip+params, both crops (worker)", totals)
         decode = _Timed(datasets.folder.default_loader, "decode", totals)
         collate = _Timed(torch.utils.data.default_collate, "collate", totals)
-        augment = batch_aug.BatchAugment(aug_plus=aug_plus)
-        names = ["adjust_brightness_", "adjust_contrast_", "adjust_saturation_", "adjust_hue_", "grayscale_", "blur_"]
-        originals = {name: getattr(batch_aug, name) for name in names}
+        # the per-image operations BatchAugment calls, timed where it looks them up
+        tables = [(batch_augment._SCALAR_OPS, name) for name in batch_augment._SCALAR_OPS]
+        tables += [(batch_augment._SCALAR_OPS_WS, name) for name in batch_augment._SCALAR_OPS_WS]
+        originals = [table[name] for table, name in tables]
+        original_gray = batch_augment.grayscale_
         try:
-            for name in names:
-                setattr(batch_aug, name, _Timed(originals[name], f"batch: {name.rstrip('_')}", totals))
-            run_augment = _Timed(augment, "batch: total", totals)
+            for (table, name), fn in zip(tables, originals):
+                table[name] = _Timed(fn, f"batch: {name}", totals)
+            batch_augment.grayscale_ = _Timed(original_gray, "batch: gray", totals)
+            run_augment = _Timed(AugmentOnDevice(BatchAugment(loader.recipe(aug_plus)), "cpu"), "batch: total", totals)
             for start in range(0, n, args.batch_size):
                 batch = []
                 for path, target in samples[start:start + args.batch_size]:
-                    image = decode(path)
-                    batch.append(([crop(image), crop(image)], target))
+                    batch.append((crop(decode(path)), target))
                 images, _ = collate(batch)
-                run_augment(images)  # a list of uint8 batches or of [uint8 batch, params] pairs
+                run_augment(images)
         finally:
-            for name in names:
-                setattr(batch_aug, name, originals[name])
+            for (table, name), fn in zip(tables, originals):
+                table[name] = fn
+            batch_augment.grayscale_ = original_gray
         parts = sum(v for k, v in totals.items() if k.startswith("batch: ") and k != "batch: total")
         totals["batch: convert+normalise+loop"] = totals["batch: total"] - parts
         result[f"fast-{v}"] = totals
@@ -213,7 +216,7 @@ def run(args=None):
         rounds = [measure_round(r, root, args, device) for r in range(args.rounds)]
     config = {"workers": args.workers, "images": n_files, "batch_size": args.batch_size, "crop_size": args.crop_size,
               "rounds": args.rounds, "device": str(device), "main_threads": args.main_threads,
-              "draw_params_in": args.draw_params_in, "cpus": os.cpu_count(), "torch": torch.__version__}
+              "cpus": os.cpu_count(), "torch": torch.__version__}
     return {"config": config, "machine": machine, **summarize(rounds, args.pipelines),
             "profile_cpu_ms_per_image": profile}
 
@@ -272,9 +275,6 @@ def get_args_parser():
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     p.add_argument("--data", default=None, help="existing ImageFolder root (else a generated temporary one)")
     bench_common.add_flags(p, seed=0, json=None)
-    p.add_argument("--draw-params-in", choices=("worker", "main"), default="worker",
-                   help="where the fast path draws the colour parameters: in the loader workers with the crops "
-                        "(crop_flip_transform(crop, aug_plus)) or in the main process (BatchAugment)")
     p.add_argument("--profile", action="store_true",
                    help="first print a single-process CPU-time breakdown of each pipeline's stages")
     return p

@@ -2,7 +2,7 @@
 # The GPU checks in one command (one call of a lent GPU machine, at most 10 minutes; planned for 8 on
 # one H100/H200 with 16 cores):
 #   1. the machine's facts (GPU, usable cores, torch/torchvision/CUDA versions, /dev/shm);
-#   2. the nvJPEG race test (tests/test_device_crops.py, pytorch/vision issue 9606);
+#   2. the nvJPEG race test (tests/test_fastaug_device_decode.py, pytorch/vision issue 9606);
 #   3. the host-synchronisation tests (main_moco's loop under torch.cuda.set_sync_debug_mode("error")
 #      for the plain, --fast-aug and --device-decode paths, and each part of them);
 #   4. the other CUDA tests, file by file;
@@ -53,11 +53,11 @@ machine_facts gpu_checks
 PER_TEST=()
 "$PY" -c "import pytest_timeout" > /dev/null 2>&1 && PER_TEST=(--timeout=200)
 PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider "${PER_TEST[@]}")
-UNITS=(tests/test_batch_aug.py tests/test_builder.py tests/test_device_batches.py tests/test_device_crops.py)
+UNITS=(tests/test_fastaug_batch_augment.py tests/test_builder.py tests/test_prefetch.py tests/test_fastaug_device_decode.py)
 SYNC="host_wait or never_wait_for_the_gpu"
 RACE="overwritten_by_work_queued"
 
-step "decoder race" 120 "${PYTEST[@]}" -s -m cuda -k "$RACE" --junitxml "$OUT/race.xml" tests/test_device_crops.py
+step "decoder race" 120 "${PYTEST[@]}" -s -m cuda -k "$RACE" --junitxml "$OUT/race.xml" tests/test_fastaug_device_decode.py
 step "host syncs" 300 "${PYTEST[@]}" -m cuda -k "$SYNC" --junitxml "$OUT/sync.xml" "${UNITS[@]}" tests/test_cuda.py
 for file in "${UNITS[@]}"; do
     name=$(basename "$file" .py)

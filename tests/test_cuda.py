@@ -3,7 +3,7 @@
 end with `--amp --channels-last --fast-aug`.
 
 Every test here is marked `cuda`: conftest skips it, with the reason, where torch sees no CUDA device.
-(BatchAugment on CUDA against the CPU is tests/test_batch_aug.py::test_cuda_matches_cpu.)
+(BatchAugment on CUDA against the CPU is tests/test_fastaug_batch_augment.py::test_cuda_matches_cpu.)
 """
 import copy
 import os
@@ -201,7 +201,7 @@ SYNC_SETS = {"plain": [], "fast-aug": ["--amp", "--channels-last", "--fast-aug"]
 @pytest.mark.parametrize("name", list(SYNC_SETS))
 def test_training_steps_never_wait_for_the_gpu_between_check_points(image_folder, tmp_path, name):
     """main_moco's loop under torch.cuda.set_sync_debug_mode("error") (MOCO_SYNC_DEBUG, see
-    moco.device_batches.SyncDebug): 6 steps of 8 images, --print-freq 100, so that only step 0 and the
+    moco.prefetch.SyncDebug): 6 steps of 8 images, --print-freq 100, so that only step 0 and the
     last step reach the declared check point; any other host synchronisation in steps 1 to 5, the
     batches' preparation included, raises and fails the run."""
     data = jpeg_copy(image_folder, tmp_path / "jpeg") if name == "device-decode" else image_folder

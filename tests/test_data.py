@@ -7,12 +7,13 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from conftest import descendants, make_image_folder
-from moco.data import (ResumableSampler, RobustImageFolder, ShardSampler, fallback_sample, make_loader,
-                       require_split, sample_seed)
+from moco.data import (ImageReadError, ResumableSampler, RobustImageFolder, ShardSampler, fallback_sample,
+                       make_loader, require_split, sample_seed)
 from moco.errors import UserError
 
 
@@ -59,6 +60,42 @@ def test_corrupt_image_is_replaced_by_its_fallback_sample_and_reported_once(smal
     good, _ = dataset[1]
     assert good.shape == (3, 8, 8)
     assert dataset.bad_images == 1
+
+
+class DecodesItself:
+    """A transform that decodes the image itself (its loader only opened it) and finds one undecodable."""
+
+    def __init__(self, bad_size):
+        self.bad_size = bad_size
+
+    def __call__(self, image):
+        if image.size == self.bad_size:
+            raise ImageReadError(OSError("image file is truncated"))
+        return transforms.PILToTensor()(image)
+
+
+def test_an_image_read_error_of_the_transform_counts_as_an_unreadable_image(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", classes=2, train_per_class=3, val_per_class=1, size=(8, 8))
+    bad = os.path.join(folder, "train", "class0", "img001.png")
+    Image.new("RGB", (9, 8)).save(bad)  # readable by the loader; the transform refuses it
+    dataset = RobustImageFolder(os.path.join(folder, "train"), DecodesItself((9, 8)))
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        assert image.shape == (3, 8, 8)
+    dataset[1]
+    lines = _lines_naming(capsys.readouterr().err, bad)
+    assert len(lines) == 1 and "OSError: image file is truncated" in lines[0]
+    assert dataset.bad_images == 1
+
+
+def test_other_errors_of_the_transform_are_not_taken_for_unreadable_images(small_folder):
+    def broken(image):
+        raise TypeError("a bug in the transform")
+
+    dataset = RobustImageFolder(os.path.join(small_folder, "train"), broken)
+    with pytest.raises(TypeError, match="a bug in the transform"):
+        dataset[0]
+    assert dataset.bad_images == 0
 
 
 def test_fallback_samples_are_fixed_and_spread_over_the_folder():

@@ -1,4 +1,5 @@
-"""Tests of moco/loader.py: the two-crop transform, the blur, and the v1/v2/linear recipes (SPEC section 3)."""
+"""Tests of moco/loader.py: the two-crop transform, the blur, and the v1/v2/linear recipes (He et al. 2019,
+Sec. 4; Chen et al. 2020, Sec. 3)."""
 import random
 
 import numpy as np
@@ -137,7 +138,7 @@ def _jitter_ok(t, b, c, s, h):
 
 
 @pytest.mark.parametrize("crop", [224, 32])
-def test_recipe_composition_follows_the_spec(crop):
+def test_recipe_composition_follows_the_papers(crop):
     v1 = loader.moco_v1_augmentation(crop).transforms
     assert [type(t) for t in v1] == [T.RandomResizedCrop, T.RandomGrayscale, T.ColorJitter,
                                      T.RandomHorizontalFlip, T.ToTensor, T.Normalize]

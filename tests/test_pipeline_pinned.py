@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main_moco  # noqa: E402
-from moco.crops import collate_encoded  # noqa: E402
+from moco.fastaug import train_pipeline  # noqa: E402
 
 RECORDING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pinned_pipeline.pt")
 DATA_SEED, EPOCH, INDICES = 7, 1, list(range(8))
@@ -67,12 +67,10 @@ def make_folder(root):
     return root
 
 
-def params_by_name(rows):
-    """Colour parameters of N x 2 crops as named tensors (from the N x 2 x 12 rows of the fast path)."""
-    from moco.aug_params import AugParams
-    n = rows.shape[0]
-    params = AugParams.from_tensor(rows.reshape(-1, rows.shape[-1]))
-    return {name: getattr(params, name).reshape(n, 2, *getattr(params, name).shape[1:]) for name in PARAM_NAMES}
+def params_by_name(fields):
+    """Colour parameters of N x 2 crops as the recording names them (from the fast path's named fields)."""
+    factors = dict(zip(("brightness", "contrast", "saturation", "hue"), fields["factors"].unbind(-1)))
+    return {name: factors[name] if name in factors else fields[name] for name in PARAM_NAMES}
 
 
 def observe(root, mode, aug_plus, size):
@@ -82,20 +80,19 @@ def observe(root, mode, aug_plus, size):
         + (["--aug-plus"] if aug_plus else []) + ({"fast-aug": ["--fast-aug"],
                                                   "device-decode": ["--device-decode"]}.get(mode, [])))
     args.fast_aug = args.fast_aug or args.device_decode
-    dataset = main_moco.train_dataset(args, DATA_SEED)
+    dataset, collate_fn, prepare = train_pipeline(args, DATA_SEED, torch.device("cpu"))
     samples = [dataset[(EPOCH, i)] for i in INDICES]
-    images, targets = (collate_encoded if mode == "device-decode" else default_collate)(samples)
+    images, targets = (collate_fn or default_collate)(samples)
     out = {"targets": targets}
     if mode == "fast-aug":
-        out["crops_u8"] = torch.stack([images[0][0], images[1][0]], dim=1)
-        out.update(params_by_name(torch.stack([images[0][1], images[1][1]], dim=1)))
+        out["crops_u8"] = images["crops"]
+        out.update(params_by_name(images))
     elif mode == "device-decode":
-        meta = images.meta
-        out["size"] = meta[:, [0, 1]].long()
-        out["is_jpeg"] = meta[:, 2] != 0
-        out["boxes"] = meta[:, 3:13].reshape(-1, 2, 5)
-        out.update(params_by_name(meta[:, 13:].reshape(-1, 2, 12)))
-    prepared = main_moco.device_batches(args, None, dataset, torch.device("cpu")).prepare(images)
+        out["size"] = images["size"]
+        out["is_jpeg"] = images["is_jpeg"]
+        out["boxes"] = torch.cat([images["box"], images["flip"][..., None].long()], dim=2).double()
+        out.update(params_by_name(images))
+    prepared = prepare(images)
     out["im_q"], out["im_k"] = prepared
     return out
 

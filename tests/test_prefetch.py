@@ -1,11 +1,14 @@
-"""moco/device_batches.py: batches prepared on the device, in order, with the same values as inline."""
+"""moco/prefetch.py: batches prepared on the device, in order, with the same values as inline; and the
+prepare callables of moco/fastaug/prepare.py that it runs."""
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from moco.aug_params import ColorRecipe
-from moco.batch_aug import BatchAugment
-from moco.device_batches import DeviceBatches
+from moco.fastaug.batch_augment import BatchAugment
+from moco.fastaug.params import ColorDraws, select
+from moco.fastaug.prepare import AugmentOnDevice, CopyToDevice, crop_params
+from moco.loader import MOCO_V2
+from moco.prefetch import DeviceBatches
 from moco.transfer import upload
 
 
@@ -15,28 +18,30 @@ class PairsWithParams(torch.utils.data.Dataset):
     def __init__(self, n, size=12):
         g = torch.Generator().manual_seed(0)
         self.crops = torch.randint(0, 256, (n, 2, 3, size, size), generator=g, dtype=torch.uint8)
-        self.params = ColorRecipe(True).sample_params_tensor(2 * n, generator=g).view(n, 2, -1)
+        params = ColorDraws(MOCO_V2)(2 * n, generator=g)
+        self.params = {name: value.view(n, 2, *value.shape[1:]) for name, value in params.items()}
 
     def __len__(self):
         return len(self.crops)
 
     def __getitem__(self, i):
-        return [(self.crops[i, 0], self.params[i, 0]), (self.crops[i, 1], self.params[i, 1])], i
+        return {"crops": self.crops[i], **select(self.params, i)}, i
 
 
 def expected(dataset, batch, augment):
     out = []
     for start in range(0, len(dataset), batch):
-        items = [dataset[i][0] for i in range(start, min(len(dataset), start + batch))]
-        pairs = [(torch.stack([it[c][0] for it in items]), torch.stack([it[c][1] for it in items])) for c in range(2)]
-        out.append(augment(pairs))
+        index = slice(start, min(len(dataset), start + batch))
+        params = select(dataset.params, index)
+        out.append([augment(dataset.crops[index, c], crop_params(params, c)) for c in range(2)])
     return out
 
 
 def test_fast_aug_batches_equal_the_inline_computation():
     dataset = PairsWithParams(10)
-    augment = BatchAugment(aug_plus=True)
-    batches = DeviceBatches(DataLoader(dataset, batch_size=4), torch.device("cpu"), augment=augment)
+    augment = BatchAugment(MOCO_V2)
+    prepare = AugmentOnDevice(augment, "cpu")
+    batches = DeviceBatches(DataLoader(dataset, batch_size=4), torch.device("cpu"), prepare)
     got = list(batches)
     want = expected(dataset, 4, augment)
     assert len(batches) == 3 and len(got) == 3
@@ -48,7 +53,7 @@ def test_plain_batches_are_only_moved_and_laid_out():
     images = torch.randn(6, 2, 3, 8, 8)
     loader = DataLoader(TensorDataset(images, torch.arange(6)), batch_size=3,
                         collate_fn=lambda items: ([torch.stack([x[c] for x, _ in items]) for c in range(2)], None))
-    got = list(DeviceBatches(loader, torch.device("cpu"), channels_last=True))
+    got = list(DeviceBatches(loader, torch.device("cpu"), CopyToDevice("cpu", channels_last=True)))
     assert len(got) == 2
     for b, (q, k) in enumerate(got):
         assert torch.equal(q, images[3 * b:3 * b + 3, 0]) and torch.equal(k, images[3 * b:3 * b + 3, 1])
@@ -62,19 +67,20 @@ class SlowOnTheSideStream:
     def __init__(self, augment, cycles=50_000_000):
         self.augment, self.cycles = augment, cycles
 
-    def __call__(self, images):
+    def __call__(self, images, params):
         torch.cuda._sleep(self.cycles)
-        return self.augment(images)
+        return self.augment(images, params)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_side_stream_batches_equal_the_inline_ones_on_cuda():
     dataset = PairsWithParams(24, size=32)
-    augment = BatchAugment(aug_plus=True).cuda()
+    augment = BatchAugment(MOCO_V2)
     loader = DataLoader(dataset, batch_size=8, pin_memory=True)
     got = []
-    for q, k in DeviceBatches(loader, torch.device("cuda"), augment=SlowOnTheSideStream(augment)):
+    prepare = AugmentOnDevice(SlowOnTheSideStream(augment), "cuda")
+    for q, k in DeviceBatches(loader, torch.device("cuda"), prepare):
         got.append((q.clone(), k.clone()))  # on the training stream, at once
     want = expected(dataset, 8, augment)
     assert len(got) == len(want) == 3

@@ -1,4 +1,5 @@
-"""Device side of --device-decode (moco/device_crops.py): decoding, batched crops against PIL's, bad files."""
+"""Device side of --device-decode (moco/fastaug/device_decode.py): decoding, batched crops against PIL's,
+bad files."""
 import io
 import warnings
 
@@ -8,8 +9,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms
 
-from moco.crops import EncodedTwoCrops, TwoCropsUint8, collate_encoded, read_encoded
-from moco.device_crops import DeviceDecoder, bilinear_weights, resized_crops, size_chunks
+from moco.fastaug.device_decode import DeviceDecoder, bilinear_weights, resized_crops, size_chunks
+from moco.fastaug.params import COLOR_FIELDS
+from moco.fastaug.worker import EncodedTwoCrops, TwoCropsUint8, collate_encoded, open_lazily, read_encoded
+from moco.loader import MOCO_V2
 
 BOXES = [(5, 7, 40, 50, 0), (0, 0, 60, 80, 1), (10, 20, 13, 17, 1), (3, 4, 30, 30, 0), (50, 70, 10, 10, 1)]
 
@@ -93,8 +96,8 @@ def smooth_jpeg(path, width, height, seed):
     return str(path)
 
 
-def encoded_batch(paths, size, seed, aug_plus=True):
-    transform = EncodedTwoCrops(size, aug_plus)
+def encoded_batch(paths, size, seed, recipe=MOCO_V2):
+    transform = EncodedTwoCrops(size, recipe)
     samples = []
     for i, path in enumerate(paths):
         torch.manual_seed(seed + i)
@@ -109,14 +112,17 @@ def test_decoder_matches_the_worker_path_with_the_same_draws(tmp_path):
     Image.open(paths[0]).convert("L").save(tmp_path / "gray.jpg", quality=95)
     Image.open(paths[1]).save(tmp_path / "png.png")
     paths += [str(tmp_path / "gray.jpg"), str(tmp_path / "png.png")]
-    (q, q_params), (k, k_params) = DeviceDecoder(24, "cpu")(encoded_batch(paths, 24, seed=10))
-    assert q.shape == k.shape == (5, 3, 24, 24) and 0 <= q.min() and q.max() <= 1
-    worker = TwoCropsUint8(24, aug_plus=True)
+    batch = encoded_batch(paths, 24, seed=10)
+    crops, source = DeviceDecoder(24, "cpu")(batch)
+    assert crops.shape == (5, 2, 3, 24, 24) and 0 <= crops.min() and crops.max() <= 1
+    assert source == [0, 1, 2, 3, 4]
+    worker = TwoCropsUint8(24, MOCO_V2)
     for i, path in enumerate(paths):
         torch.manual_seed(10 + i)
-        (wq, wq_params), (wk, wk_params) = worker(path)
-        assert torch.equal(wq_params, q_params[i]) and torch.equal(wk_params, k_params[i])
-        for ours, theirs in ((q[i], wq), (k[i], wk)):
+        drawn = worker(open_lazily(path))
+        for name in ("box", "flip", *COLOR_FIELDS):
+            assert torch.equal(drawn[name], batch[name][i]), name
+        for ours, theirs in zip(crops[i], drawn["crops"]):
             diff = (ours * 255 - theirs.float()).abs()
             assert diff[:, 1:-1, 1:-1].max() <= 2 and diff.mean() < 1.0, (path, diff.max())
 
@@ -129,12 +135,13 @@ def test_undecodable_image_is_reported_and_replaced(tmp_path):
     paths.insert(1, str(tmp_path / "cut.jpg"))
     batch = encoded_batch(paths, 16, seed=0)
     reported = []
-    (q, _), (k, _) = DeviceDecoder(16, "cpu", on_bad=lambda path, err: reported.append(path))(batch)
+    crops, source = DeviceDecoder(16, "cpu", on_bad=lambda path, err: reported.append(path))(batch)
     assert reported == [str(tmp_path / "cut.jpg")]
-    assert q.shape == (4, 3, 16, 16) and torch.isfinite(q).all() and torch.isfinite(k).all()
-    alone = encoded_batch([paths[0]], 16, seed=0)  # the replacement is the previous image, same crops
-    (q0, _), _ = DeviceDecoder(16, "cpu")(alone)
-    assert torch.allclose(q[0], q0[0])
+    assert crops.shape == (4, 2, 3, 16, 16) and torch.isfinite(crops).all()
+    assert source == [0, 0, 2, 3]  # the replacement is the previous image, with its crops
+    alone = encoded_batch([paths[0]], 16, seed=0)
+    crops0, _ = DeviceDecoder(16, "cpu")(alone)
+    assert torch.allclose(crops[1], crops0[0]) and torch.allclose(crops[0], crops0[0])
 
 
 @pytest.mark.cuda
@@ -142,14 +149,13 @@ def test_undecodable_image_is_reported_and_replaced(tmp_path):
 def test_cuda_decoder_matches_the_cpu_decoder(tmp_path):
     paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 300 + 20 * i, 200 + 30 * i, i) for i in range(6)]
     batch = encoded_batch(paths, 64, seed=3)
-    cpu = DeviceDecoder(64, "cpu")(batch)
+    cpu, cpu_source = DeviceDecoder(64, "cpu")(batch)
     decoder = DeviceDecoder(64, "cuda")
-    gpu = decoder(batch)
+    gpu, gpu_source = decoder(batch)
     assert decoder.fallbacks == 0, decoder.fallback_error  # nvJPEG decoded every image
-    for (a, pa), (b, pb) in zip(cpu, gpu):
-        assert torch.equal(pa, pb)
-        diff = (a - b.cpu()).abs() * 255  # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
-        assert diff.mean() < 1.0 and diff.max() <= 8
+    assert gpu.device.type == "cuda" and cpu_source == gpu_source
+    diff = (cpu - gpu.cpu()).abs() * 255  # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
+    assert diff.mean() < 1.0 and diff.max() <= 8
 
 
 def test_batch_without_jpeg_skips_the_jpeg_decoder(tmp_path):
@@ -159,14 +165,13 @@ def test_batch_without_jpeg_skips_the_jpeg_decoder(tmp_path):
         Image.open(smooth_jpeg(tmp_path / f"{i}.jpg", 40 + 8 * i, 36, i)).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
     batch = encoded_batch(paths, 16, seed=4)
-    assert not batch.meta[:, 2].any()  # META_IS_JPEG: every image was decoded by the worker
+    assert not batch["is_jpeg"].any()  # every image was decoded by the worker
     decoder = DeviceDecoder(16, "cpu")
-    (q, _), (k, _) = decoder(batch)
-    assert q.shape == k.shape == (3, 3, 16, 16) and decoder.fallbacks == 0
-    worker = TwoCropsUint8(16, aug_plus=True)
+    crops, _ = decoder(batch)
+    assert crops.shape == (3, 2, 3, 16, 16) and decoder.fallbacks == 0
     torch.manual_seed(4)
-    (wq, _), _ = worker(paths[0])
-    assert (q[0] * 255 - wq.float()).abs()[:, 1:-1, 1:-1].max() <= 2
+    wq = TwoCropsUint8(16, MOCO_V2)(open_lazily(paths[0]))["crops"][0]
+    assert (crops[0, 0] * 255 - wq.float()).abs()[:, 1:-1, 1:-1].max() <= 2
 
 
 def test_device_decoder_failures_are_counted_and_announced_once(tmp_path):
@@ -182,15 +187,15 @@ def test_device_decoder_failures_are_counted_and_announced_once(tmp_path):
     for i in range(2):
         data = io.BytesIO()
         Image.open(paths[i]).save(data, format="PNG")
-        batch.payload[i] = torch.frombuffer(bytearray(data.getvalue()), dtype=torch.uint8)
+        batch["payload"][i] = torch.frombuffer(bytearray(data.getvalue()), dtype=torch.uint8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (q, _), _ = decoder(batch)
+        crops, _ = decoder(batch)
         decoder(batch)
     assert decoder.fallbacks == 4 and decoder.fallback_error
     said = [str(w.message) for w in caught if "decoded with PIL" in str(w.message)]
     assert len(said) == 1 and decoder.fallback_error in said[0] and paths[0] in said[0]
-    assert torch.isfinite(q).all() and q.shape == (2, 3, 16, 16)
+    assert torch.isfinite(crops).all() and crops.shape == (2, 2, 3, 16, 16)
 
 
 RACE_ROUNDS = 30
@@ -206,7 +211,7 @@ def test_cuda_decodes_are_not_overwritten_by_work_queued_before_them(tmp_path):
     decode must equal the first."""
     paths = [smooth_jpeg(tmp_path / f"{i}.jpg", 160 + 16 * i, 120 + 8 * i, i) for i in range(8)]
     batch = encoded_batch(paths, 32, seed=5)
-    sizes = [3 * int(h) * int(w) for h, w in batch.meta[:, :2].tolist()]
+    sizes = [3 * h * w for h, w in batch["size"].tolist()]
     decoder = DeviceDecoder(32, "cuda")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
@@ -238,7 +243,7 @@ def test_cuda_decoder_does_not_make_the_host_wait(tmp_path):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        (q, _), (k, _) = decoder(batch)
+        crops, _ = decoder(batch)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert q.shape == (5, 3, 32, 32) and torch.isfinite(q).all() and decoder.fallbacks == 0
+    assert crops.shape == (5, 2, 3, 32, 32) and torch.isfinite(crops).all() and decoder.fallbacks == 0

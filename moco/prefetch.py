@@ -1,17 +1,15 @@
 """The loader's batches as ready device tensors, prepared one batch ahead.
 
-Preparing a batch means copying it to the device, with `--device-decode` decoding and cropping it there
-(moco.device_crops), with `--fast-aug` its colour augmentation (moco.batch_aug), and the memory format
-of `--channels-last`. On CUDA this runs on a side stream one batch ahead of the training step, so that
-it overlaps the step instead of preceding it; the training stream waits for it only when it uses the
-batch. On the CPU (no streams) it runs inline, in order, with the same results.
+Preparing a batch (the `prepare` of moco.fastaug.train_pipeline) means copying it to the device, with
+`--device-decode` decoding and cropping it there, with `--fast-aug` its colour augmentation, and the
+memory format of `--channels-last`. On CUDA this runs on a side stream one batch ahead of the training
+step, so that it overlaps the step instead of preceding it; the training stream waits for it only when
+it uses the batch. On the CPU (no streams) it runs inline, in order, with the same results.
 """
 import os
 import sys
 
 import torch
-
-from moco.transfer import to_device
 
 
 class SyncDebug:
@@ -59,29 +57,16 @@ class SyncDebug:
 
 
 class DeviceBatches:
-    """Iterate `[im_q, im_k]` of `loader` on `device`. `decoder` (moco.device_crops.DeviceDecoder) turns
-    encoded batches into crops, `augment` (moco.batch_aug.BatchAugment) augments uint8 or float crops
-    with the workers' parameters; without either the loader's float crops are only copied."""
+    """Iterate `prepare(images)` for the batches `(images, targets)` of `loader`: the list of device
+    tensors the model takes (moco.fastaug.train_pipeline gives `prepare` for each pipeline mode)."""
 
-    def __init__(self, loader, device, augment=None, decoder=None, channels_last=False):
+    def __init__(self, loader, device, prepare):
         self.loader = loader
         self.device = torch.device(device)
-        self.augment = augment
-        self.decoder = decoder
-        self.channels_last = channels_last
+        self.prepare = prepare
 
     def __len__(self):
         return len(self.loader)
-
-    def prepare(self, images):
-        """One batch of the loader (its images part) as the list of device tensors the model takes."""
-        if self.decoder is not None:
-            images = self.decoder(images)  # [(q, q_params), (k, k_params)] on the device
-        elif self.augment is not None:
-            images = [[crop.to(self.device, non_blocking=True), params] for crop, params in images]
-        if self.augment is not None:
-            images = self.augment(images)
-        return [to_device(crop, self.device, self.channels_last) for crop in images]
 
     def __iter__(self):
         if self.device.type != "cuda":

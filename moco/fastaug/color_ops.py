@@ -8,23 +8,21 @@ path). `ws` is an optional dict of preallocated buffers, reused across calls of 
 The blur reproduces PIL's `GaussianBlur(radius=sigma)` (the reference's `loader.GaussianBlur`): PIL
 approximates a Gaussian of standard deviation `radius` by three passes of an "extended" box filter per
 axis (box radius l + a: integer part l and fractional end weight a chosen so that the three passes have
-variance radius^2; Gwosdek et al. 2011), each pass replicating the edge pixels. `kind="gaussian"` uses
-a true Gaussian truncated at 3 sigma instead.
+variance radius^2; Gwosdek et al. 2011), each pass replicating the edge pixels.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from moco.transfer import upload
-from moco.loader import IMAGENET_MEAN, IMAGENET_STD
-from moco.transfer import to_device
+from moco.transfer import to_device, upload
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale
 _CONSTANTS = {}
 
 
-def _buffer(ws, name, shape, like):
+def buffer(ws, name, shape, like):
+    """A buffer of `shape` like `like`, kept in the workspace dict `ws` for the next call (fresh without one)."""
     if ws is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     key = (name, tuple(shape), like.dtype, like.device)
@@ -47,7 +45,7 @@ def _per_image(factor, x, dims=4):
     return factor.to(dtype=x.dtype).view((-1,) + (1,) * (dims - 1))
 
 
-def _constant(values, like, shape=(-1,)):
+def constant(values, like, shape=(-1,)):
     """A constant tensor on like's device and dtype, copied there once per device and dtype."""
     key = (tuple(values), tuple(shape), like.device, like.dtype)
     if key not in _CONSTANTS:
@@ -67,7 +65,7 @@ def rgb_to_grayscale(x, out=None):
 def grayscale_(x, ws=None):
     """torchvision rgb_to_grayscale(x, num_output_channels=3), in place."""
     n, _, h, w = x.shape
-    gray = rgb_to_grayscale(x, _buffer(ws, "gray", (n, 1, h, w), x))
+    gray = rgb_to_grayscale(x, buffer(ws, "gray", (n, 1, h, w), x))
     x.copy_(gray.expand_as(x))
     return x
 
@@ -82,7 +80,7 @@ def adjust_brightness_(x, factor):
 
 def adjust_contrast_(x, factor):
     """torchvision adjust_contrast: blend with the mean of the grayscale image, clamp to [0, 1]."""
-    weights = _constant(GRAY_WEIGHTS, x)
+    weights = constant(GRAY_WEIGHTS, x)
     mean = (x.mean(dim=(2, 3)) * weights).sum(dim=1).view(-1, 1, 1, 1)  # the mean of the grayscale image
     if _is_scalar(factor):
         x.mul_(factor).add_(mean.mul_(1.0 - factor))
@@ -94,7 +92,7 @@ def adjust_contrast_(x, factor):
 def adjust_saturation_(x, factor, ws=None):
     """torchvision adjust_saturation: blend with the grayscale image, clamp to [0, 1]."""
     n, _, h, w = x.shape
-    gray = rgb_to_grayscale(x, _buffer(ws, "gray", (n, 1, h, w), x))
+    gray = rgb_to_grayscale(x, buffer(ws, "gray", (n, 1, h, w), x))
     if _is_scalar(factor):
         x.mul_(factor).add_(gray, alpha=1.0 - factor)
         return x.clamp_(0.0, 1.0) if factor > 1.0 else x
@@ -104,8 +102,8 @@ def adjust_saturation_(x, factor, ws=None):
 
 def _hue_constants(x):
     shape = (1, 3, 1, 1)
-    return (_constant((3.0, 2.0, 4.0), x, shape), _constant((1.0, -1.0, -1.0), x, shape),
-            _constant((-1.0, 2.0, 2.0), x, shape))
+    return (constant((3.0, 2.0, 4.0), x, shape), constant((1.0, -1.0, -1.0), x, shape),
+            constant((-1.0, 2.0, 2.0), x, shape))
 
 
 def adjust_hue_(x, hue, ws=None):
@@ -120,14 +118,14 @@ def adjust_hue_(x, hue, ws=None):
     n, _, h, w = x.shape
     shape = (n, h, w)
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    vmax = torch.maximum(r, g, out=_buffer(ws, "hue_max", shape, x))
+    vmax = torch.maximum(r, g, out=buffer(ws, "hue_max", shape, x))
     vmax = torch.maximum(vmax, b, out=vmax)
-    vmin = torch.minimum(r, g, out=_buffer(ws, "hue_min", shape, x))
+    vmin = torch.minimum(r, g, out=buffer(ws, "hue_min", shape, x))
     vmin = torch.minimum(vmin, b, out=vmin)
-    not_r = torch.sub(vmax, r, out=_buffer(ws, "hue_a", shape, x)).sign_()  # 0 where r is maximal, else 1
-    not_g = torch.sub(vmax, g, out=_buffer(ws, "hue_b", shape, x)).sign_()  # 0 where g is maximal, else 1
-    u = torch.sub(b, r, out=_buffer(ws, "hue_u", shape, x))
-    v = torch.sub(r, g, out=_buffer(ws, "hue_v", shape, x))
+    not_r = torch.sub(vmax, r, out=buffer(ws, "hue_a", shape, x)).sign_()  # 0 where r is maximal, else 1
+    not_g = torch.sub(vmax, g, out=buffer(ws, "hue_b", shape, x)).sign_()  # 0 where g is maximal, else 1
+    u = torch.sub(b, r, out=buffer(ws, "hue_u", shape, x))
+    v = torch.sub(r, g, out=buffer(ws, "hue_v", shape, x))
     u.lerp_(v, not_g)  # g maximal: b - r; otherwise (b maximal): r - g
     num = torch.sub(g, b, out=v).lerp_(u, not_r)  # r maximal: g - b
     base = torch.addcmul(not_r, not_r, not_g, out=not_g)  # sextant: 0 (r maximal), 1 (g), 2 (b)
@@ -166,19 +164,9 @@ def box_kernel(radius):
     return [a / (2 * radius + 1)] + [1.0 / (2 * radius + 1)] * (2 * l + 1) + [a / (2 * radius + 1)]
 
 
-def gaussian_kernel(sigma, truncate=3.0):
-    """A normalised 1-D Gaussian of standard deviation `sigma` with ceil(truncate * sigma) taps each side."""
-    r = max(1, math.ceil(truncate * sigma))
-    k = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-r, r + 1)]
-    s = sum(k)
-    return [v / s for v in k]
-
-
-def blur_passes(sigma, kind="pil"):
-    """The 1-D kernels applied one after the other along each axis for a blur of `sigma`."""
-    if kind == "pil":
-        return [box_kernel(pil_box_radius(sigma))] * 3
-    return [gaussian_kernel(sigma)]
+def blur_passes(sigma):
+    """The 1-D kernels applied one after the other along each axis for PIL's blur of `sigma`."""
+    return [box_kernel(pil_box_radius(sigma))] * 3
 
 
 class _PaddedPair:
@@ -252,10 +240,10 @@ def _pass_batched_(x, kernels, dim):
     return x
 
 
-def blur_kernels(sigmas, kind="pil"):
+def blur_kernels(sigmas):
     """The per-image kernels of a batched blur of the N `sigmas` (a list): one N x K float32 CPU tensor
     per pass, every image's kernel centred in the pass's common (odd) length K with zeros."""
-    per_image = [blur_passes(s, kind) for s in sigmas]
+    per_image = [blur_passes(s) for s in sigmas]
     tables = []
     for p in range(len(per_image[0])):
         k = max(len(passes[p]) for passes in per_image)
@@ -275,18 +263,14 @@ def blur_batched_(x, kernels):
     return x
 
 
-def blur_(x, sigma, kind="pil", ws=None):
-    """In place blur of PIL's GaussianBlur(radius=sigma) (kind "pil") or a true Gaussian ("gaussian").
+def blur_(x, sigma, ws=None):
+    """In place blur of PIL's GaussianBlur(radius=sigma).
 
     `sigma` is a number (every image) or a tensor of N per-image values.
     """
     if _is_scalar(sigma):
-        kernels = blur_passes(sigma, kind)
+        kernels = blur_passes(sigma)
         _blur_axis_scalar_(x, kernels, 3, ws)
         return _blur_axis_scalar_(x, kernels, 2, ws)
-    kernels = blur_kernels(torch.as_tensor(sigma).tolist(), kind)
+    kernels = blur_kernels(torch.as_tensor(sigma).tolist())
     return blur_batched_(x, upload(kernels, x.device))
-
-
-def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    return (x - _constant(mean, x, (1, -1, 1, 1))) / _constant(std, x, (1, -1, 1, 1))

@@ -22,10 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from moco.crops import META_BOXES, META_HEIGHT, META_IS_JPEG, META_PARAMS, META_WIDTH
-from moco.aug_params import PARAM_COLUMNS
-from moco.transfer import upload
-from moco.transfer import to_device
+from moco.transfer import to_device, upload
 
 MAX_CHUNK = 64           # images per batched product
 MAX_PADDING = 1.5        # padded area / true area of a chunk
@@ -132,9 +129,9 @@ def pil_decode(payload):
 
 
 class DeviceDecoder:
-    """Turns a collated `moco.crops.EncodedCrops` batch into `[(q, q_params), (k, k_params)]`: float
-    N x 3 x S x S crops in [0, 1] on `device` and the N x 12 colour parameters drawn by the workers,
-    ready for `BatchAugment`.
+    """Turns a collated `--device-decode` batch (moco.fastaug.worker.EncodedTwoCrops, collate_encoded)
+    into float N x 2 x 3 x S x S crops (q, k) in [0, 1] on `device`, and the index of the sample each
+    row comes from (`source`: its own, or a stand-in for an unreadable one).
 
     `on_bad(path, error)` is called for an image that neither the device nor PIL can decode; it is
     replaced by the previous good image of the batch (the next one for the first). An image that the
@@ -162,17 +159,17 @@ class DeviceDecoder:
 
     def decode(self, batch):
         """The list of uint8 3 x H x W images of the batch on the device (None for unreadable ones)."""
-        meta = batch.meta
-        images = [None] * len(batch)
-        jpeg = [i for i, is_jpeg in enumerate(meta[:, META_IS_JPEG].tolist()) if is_jpeg]
-        pixels = sorted(set(range(len(batch))) - set(jpeg))  # decoded by the worker (PNG, ...)
-        shapes = [(int(meta[i, META_HEIGHT]), int(meta[i, META_WIDTH])) for i in pixels]
-        uploaded = upload([batch.payload[i] for i in pixels], self.device)
+        payload, paths = batch["payload"], batch["path"]
+        images = [None] * len(payload)
+        jpeg = [i for i, is_jpeg in enumerate(batch["is_jpeg"].tolist()) if is_jpeg]
+        pixels = sorted(set(range(len(payload))) - set(jpeg))  # decoded by the worker (PNG, ...)
+        sizes = batch["size"].tolist()
+        shapes = [tuple(sizes[i]) for i in pixels]
+        uploaded = upload([payload[i] for i in pixels], self.device)
         for i, (h, w), image in zip(pixels, shapes, uploaded):
             images[i] = image.view(h, w, 3).permute(2, 0, 1)
         if jpeg:  # decode_jpeg([]) raises: a batch of PNG files has nothing for it
-            for i, image in zip(jpeg, self._decode_jpegs([batch.payload[i] for i in jpeg],
-                                                         [batch.path[i] for i in jpeg])):
+            for i, image in zip(jpeg, self._decode_jpegs([payload[i] for i in jpeg], [paths[i] for i in jpeg])):
                 images[i] = image
         return images
 
@@ -220,12 +217,12 @@ class DeviceDecoder:
                           f"(slower), counted in DeviceDecoder.fallbacks; this is said once", RuntimeWarning)
 
     def __call__(self, batch):
+        """(crops, source) of the batch: see the class."""
         images = self.decode(batch)
         keep = [i for i, image in enumerate(images) if image is not None]
         if not keep:
             raise RuntimeError("no image of the batch could be decoded")
         source = [max([k for k in keep if k <= i], default=keep[0]) for i in range(len(images))]
-        boxes = batch.meta[:, META_BOXES:META_BOXES + 10].reshape(-1, 2, 5)[source]
+        boxes = torch.cat([batch["box"], batch["flip"][..., None].long()], dim=2).to(torch.float64)[source]
         crops = resized_crops([images[s] for s in source], boxes, self.size, self.method).div_(255.0)
-        params = batch.meta[:, META_PARAMS:].reshape(-1, 2, PARAM_COLUMNS)[source]
-        return [(crops[:, c], params[:, c]) for c in range(2)]
+        return crops, source
