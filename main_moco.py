@@ -206,9 +206,18 @@ def describe_run(args, ctx, state, encoder, batch, workers, num_images):
         f"{', symmetric loss' if args.symmetric else ''}; SGD lr {args.lr} ({schedule}), momentum "
         f"{args.momentum}, wd {args.weight_decay}; {args.epochs} epochs",
         f"model: MoCo over {args.arch}{' + MLP head' if args.mlp else ''}, "
-        f"{sum(p.numel() for p in encoder.parameters())} parameters in each encoder",
+        f"{sum(p.numel() for p in encoder.parameters())} parameters in each encoder"
+        f"{model_options(args)}",
         f"starting at {start}; checkpoints and log.txt go to {os.path.abspath(args.output_dir)}",
     ]
+
+
+def model_options(args):
+    """The project's model and speed options a run uses, for its opening lines ('' for none)."""
+    options = [f"BatchNorm split over {args.bn_splits} groups" if args.bn_splits > 1 else "",
+               "small-image stem" if args.cifar_stem else "", "channels-last" if args.channels_last else "",
+               "compiled" if args.compile else ""]
+    return "".join(f"; {option}" for option in options if option)
 
 
 def train_one_epoch(batches, steps, state, guard, args, ctx, log):

@@ -250,7 +250,8 @@ def test_bn_splits_channels_last_run_with_a_corrupt_image(images, tmp_path, caps
     assert len([line for line in err.splitlines() if bad in line]) == 1
     record, = log_records(out)
     assert record["bad_images"] == 1 and record["steps"] == STEPS
-    assert "'bn_splits': 2" in stdout and "'channels_last': True" in stdout
+    assert "BatchNorm split over 2 groups" in stdout and "channels-last" in stdout
+    assert record["args"]["bn_splits"] == 2 and record["args"]["channels_last"] is True
     keys = load(os.path.join(out, "checkpoint_0000.pth.tar"))["state_dict"]
     # SplitBatchNorm keeps BatchNorm2d's state, so the weights load into a plain ResNet
     assert "module.encoder_q.bn1.running_mean" in keys and "module.encoder_q.bn1.num_batches_tracked" in keys
