@@ -198,6 +198,20 @@ def test_per_sample_seeding_leaves_the_training_rng_alone(small_folder):
     assert torch.equal(torch.rand(3), expected[1])
 
 
+@pytest.mark.cuda
+def test_per_sample_seeding_leaves_the_cuda_rng_alone(small_folder):
+    """In the main process (-j 0) a sample's seed must not reach the training's CUDA generator:
+    torch.manual_seed would reseed it, and fork_rng(devices=[]) restores only the CPU one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    dataset = RobustImageFolder(os.path.join(small_folder, "train"), RandomDraws(), data_seed=7)
+    torch.cuda.manual_seed(5)
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed(5)
+    dataset[(0, 1)]
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+
 def test_per_sample_seeding_is_the_same_in_loader_workers(small_folder):
     dataset = RobustImageFolder(os.path.join(small_folder, "train"), RandomDraws(), data_seed=11)
     sampler = ResumableSampler(dataset, 1, 0, seed=11, batch_size=2)
