@@ -138,8 +138,9 @@ def test_draws_and_pixels_equal_the_recording(recording, folder, mode, aug_plus,
     got = pinned_form(observe(folder, mode, aug_plus, size))
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
-        if key in PIXELS:
-            assert got[key] == value, f"{key}: {got[key]} != recorded {value}"
+        if key in PIXELS:  # the sum only says how far a mismatch is: its last bits depend on the threads
+            exact = ("dtype", "shape", "sha256")
+            assert [got[key][k] for k in exact] == [value[k] for k in exact], f"{key}: {got[key]} != recorded {value}"
         else:
             assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
             assert torch.equal(got[key], value), f"{key}: {got[key]} != recorded {value}"
