@@ -187,3 +187,16 @@ def fork_gloo_pair(body, tmp_path, what):
         failures = "\n".join(p.read_text() for p in sorted(tmp_path.glob("fail.*")))
         pytest.fail(f"{what} failed:\n{failures or exc}")
     assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()
+
+
+def assert_same_training_state(a, b):
+    """Bit-identical weights, buffers (queue, BN statistics) and optimizer state."""
+    assert a["epoch"] == b["epoch"]
+    assert list(a["state_dict"]) == list(b["state_dict"])
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sorted(state_a) == sorted(state_b) and len(state_a) > 0
+    for index in state_a:
+        assert torch.equal(state_a[index]["momentum_buffer"], state_b[index]["momentum_buffer"]), index

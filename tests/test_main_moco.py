@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import main_moco
-from conftest import make_image_folder
+from conftest import assert_same_training_state, make_image_folder
 from moco.errors import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,19 +80,6 @@ def snapshot(folder):
                 found[os.path.relpath(path, folder)] = (hashlib.sha256(f.read()).hexdigest(),
                                                         os.stat(path).st_mtime_ns)
     return found
-
-
-def assert_same_training_state(a, b):
-    """Bit-identical weights, buffers (queue, BN statistics) and optimizer state."""
-    assert a["epoch"] == b["epoch"]
-    assert list(a["state_dict"]) == list(b["state_dict"])
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sorted(state_a) == sorted(state_b) and len(state_a) > 0
-    for index in state_a:
-        assert torch.equal(state_a[index]["momentum_buffer"], state_b[index]["momentum_buffer"]), index
 
 
 def free_port():

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import cpu_env, kill_tree, make_image_folder, start_logged, wait_all
+from conftest import assert_same_training_state, cpu_env, kill_tree, make_image_folder, start_logged, wait_all
 
 needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
                                     reason="submitit is not installed (pip install submitit); the launcher "
@@ -54,18 +54,6 @@ def read(path):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_training_state(a, b):
-    """Bit-identical weights, buffers (queue, BN statistics) and optimizer state."""
-    assert a["epoch"] == b["epoch"] and a["step_in_epoch"] == b["step_in_epoch"] == 0
-    assert list(a["state_dict"]) == list(b["state_dict"])
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sorted(state_a) == sorted(state_b) and state_a
-    for index in state_a:
-        assert torch.equal(state_a[index]["momentum_buffer"], state_b[index]["momentum_buffer"]), index
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +121,9 @@ def test_interrupted_local_job_is_requeued_and_ends_bit_exact(uninterrupted, ima
     assert f"resuming from '{path}' (epoch {epoch}, step {step}" in text
     # every step ran once: the interrupted run's steps plus the requeued run's
     assert len(METER_LINE.findall(text)) == 2 * STEPS
-    assert_same_training_state(load(os.path.join(out, "checkpoint_0001.pth.tar")),
-                               load(os.path.join(reference, "checkpoint_0001.pth.tar")))
+    final, expected = (load(os.path.join(folder, "checkpoint_0001.pth.tar")) for folder in (out, reference))
+    assert final["step_in_epoch"] == expected["step_in_epoch"] == 0
+    assert_same_training_state(final, expected)
 
 
 def wait_for_second_step(output_dir, timeout=600):
