@@ -11,6 +11,12 @@ def crop_params(batch, c):
     return {name: batch[name][:, c] for name in COLOR_FIELDS}
 
 
+def augment_pair(augment, crops, params, device, channels_last):
+    """`[im_q, im_k]`: both crops of a batch (N x 2 x 3 x S x S on the device) augmented with their colour
+    parameters."""
+    return [to_device(augment(crops[:, c], crop_params(params, c)), device, channels_last) for c in range(2)]
+
+
 class CopyToDevice:
     """The reference's PIL pipeline: the loader's normalised float crops `[q, k]`, only copied."""
 
@@ -30,8 +36,7 @@ class AugmentOnDevice:
 
     def __call__(self, batch):
         crops = to_device(batch["crops"], self.device)
-        return [to_device(self.augment(crops[:, c], crop_params(batch, c)), self.device, self.channels_last)
-                for c in range(2)]
+        return augment_pair(self.augment, crops, batch, self.device, self.channels_last)
 
 
 class DecodeOnDevice:
@@ -45,6 +50,4 @@ class DecodeOnDevice:
 
     def __call__(self, batch):
         crops, source = self.decoder(batch)
-        params = select(batch, source)
-        return [to_device(self.augment(crops[:, c], crop_params(params, c)), self.device, self.channels_last)
-                for c in range(2)]
+        return augment_pair(self.augment, crops, select(batch, source), self.device, self.channels_last)
