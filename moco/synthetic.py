@@ -6,7 +6,9 @@ and nuisance factors. Two styles:
 
 - "patterns" (the default): a periodic two-colour structure fills the image: stripes, checker, dots, grid,
   rings, zigzag, waves, triangles. Every crop of an image shows its class. The two colours, the period
-  (scale), the phase (position) and the orientation are random and independent of the class.
+  (scale), the phase (position) and the orientation are random and independent of the class. With
+  `regions=n` an image is a patchwork of n regions of one pattern, each at its own orientation and phase
+  (the built-in data set uses 4).
 - "shapes": one to a few copies of a shape (disk, square, triangle, plus, ring, star, crescent, bar, arrow,
   frame) over a background; colours, background kind, count, positions, sizes and rotations are random.
 
@@ -278,20 +280,35 @@ PATTERNS = (
 
 
 def draw_pattern(rng, label, image_size=DEFAULT_IMAGE_SIZE, period=(0.2, 0.35), palette=False,
-                 min_contrast=0.25, rotation=True):
-    """Draw one pattern image of class `label`; return (PIL RGB image, dict of nuisance factors)."""
+                 min_contrast=0.25, rotation=True, regions=1):
+    """Draw one pattern image of class `label`; return (PIL RGB image, dict of nuisance factors).
+
+    regions: with n > 1 the image is a patchwork of n cells (the Voronoi cells of n random points), each
+        showing the class's pattern at its own orientation and phase; colours and period are the image's.
+    """
     size = image_size
     bg_colour = _random_colour(rng, palette)
     fg_colour = _contrasting_colour(rng, bg_colour, min_contrast, palette)
     p = rng.uniform(period[0], period[1]) * size  # period in pixels
-    angle = rng.uniform(0, 2 * math.pi) if rotation else 0.0
-    ox, oy = rng.uniform(-0.5, 0.5, 2) * size  # shifts the pattern's origin (its phase, and the rings' centre)
     hi = size * SUPERSAMPLE
-    ys, xs = (np.mgrid[0:hi, 0:hi] + 0.5) / SUPERSAMPLE - size / 2.0
-    xs, ys = xs - ox, ys - oy
-    c, s = math.cos(angle), math.sin(angle)
-    u, v = (xs * c + ys * s) / p, (-xs * s + ys * c) / p
-    mask = PATTERNS[label][1](u, v, rng).astype(np.float64)
+    grid_y, grid_x = (np.mgrid[0:hi, 0:hi] + 0.5) / SUPERSAMPLE - size / 2.0
+    mask = np.zeros((hi, hi))
+    cell = np.zeros((hi, hi), dtype=np.int64)
+    if regions > 1:  # the cell of every (supersampled) pixel: its nearest seed point
+        seeds = rng.uniform(-0.5, 0.5, (regions, 2)) * size
+        distance2 = (grid_x[..., None] - seeds[:, 0]) ** 2 + (grid_y[..., None] - seeds[:, 1]) ** 2
+        cell = np.argmin(distance2, axis=-1)
+    angles = []
+    for region in range(regions):
+        angle = rng.uniform(0, 2 * math.pi) if rotation else 0.0
+        ox, oy = rng.uniform(-0.5, 0.5, 2) * size  # shifts the pattern's origin (its phase, and the rings' centre)
+        xs, ys = grid_x - ox, grid_y - oy
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = (xs * c + ys * s) / p, (-xs * s + ys * c) / p
+        inside = cell == region
+        mask[inside] = PATTERNS[label][1](u, v, rng)[inside]
+        angles.append(angle)
+    angle = angles[0]
     alpha = mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]
     canvas = bg_colour * (1 - alpha) + fg_colour * alpha
     image = Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), "RGB")
@@ -342,7 +359,7 @@ def _check_args(num_classes, train_per_class, val_per_class, image_size, style="
 def generate(root, seed=0, num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFAULT_TRAIN_PER_CLASS,
              val_per_class=DEFAULT_VAL_PER_CLASS, image_size=DEFAULT_IMAGE_SIZE, objects=DEFAULT_OBJECTS,
              scale=DEFAULT_SCALE, backgrounds=BACKGROUNDS, palette=DEFAULT_PALETTE, rotation=True,
-             style=DEFAULT_STYLE):
+             style=DEFAULT_STYLE, regions=1):
     """Write the data set under `root` (created if missing) and return `root`.
 
     Layout: `root/train/<class>/<class>_<index>.png`, `root/val/...` likewise, and `root/metadata.csv`
@@ -356,9 +373,13 @@ def generate(root, seed=0, num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFA
     palette: False for colours uniform in the RGB cube, True for the 10-colour PALETTE, n for its first
         n colours (the "gradient" and "noise" backgrounds still shade around a palette colour).
     rotation: random orientation of the shapes or patterns (else upright).
+    regions: patterns only; n > 1 makes every image a patchwork of n regions, each with its own
+        orientation and phase (see draw_pattern); the metadata's angle is the first region's.
     """
     num_classes = _num_classes(num_classes, style)
     _check_args(num_classes, train_per_class, val_per_class, image_size, style)
+    if regions < 1 or (regions > 1 and style != "patterns"):
+        raise ValueError(f"regions must be 1, or more for style 'patterns'; got {regions} for style {style!r}")
     objects = tuple(int(v) for v in objects)
     scale = tuple(float(v) for v in scale)
     backgrounds = tuple(backgrounds)
@@ -374,7 +395,8 @@ def generate(root, seed=0, num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFA
                 # the others unchanged
                 rng = np.random.default_rng([seed, split_id, label, i])
                 if style == "patterns":
-                    image, factors = draw_pattern(rng, label, image_size, palette=palette, rotation=rotation)
+                    image, factors = draw_pattern(rng, label, image_size, palette=palette,
+                                                  rotation=rotation, regions=regions)
                 else:
                     image, factors = draw_image(rng, label, image_size, objects, scale, backgrounds,
                                                 palette=palette, rotation=rotation)
@@ -472,21 +494,26 @@ def ensure_dataset(cache_dir=None, seed=0, num_classes=DEFAULT_NUM_CLASSES,
 
 def describe(num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFAULT_TRAIN_PER_CLASS,
              val_per_class=DEFAULT_VAL_PER_CLASS, image_size=DEFAULT_IMAGE_SIZE, seed=0,
-             style=DEFAULT_STYLE):
+             style=DEFAULT_STYLE, regions=1):
     """One line saying what the data set is."""
     num_classes = _num_classes(num_classes, style)
     names = ", ".join(class_names(style)[:num_classes])
+    patchwork = f", each image a patchwork of {regions} regions" if regions > 1 else ""
     return (f"synthetic {style} (v{GENERATOR_VERSION}, seed {seed}): {num_classes} classes ({names}), "
             f"{train_per_class} train + {val_per_class} val images per class, {image_size}x{image_size} "
-            f"RGB; colours, position, size and orientation are random and carry no label information")
+            f"RGB{patchwork}; colours, position, size and orientation are random and carry no label "
+            f"information")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The scripts' built-in data set (main_moco.py / main_lincls.py with DIR omitted, scripts/demo.py)
 
-# The size of the built-in data set, and a seconds-long one for smoke tests.
+# The size of the built-in data set, and a seconds-long one for smoke tests. The built-in images are
+# patchworks of 4 regions, each with its own orientation: a random-init network's features then say
+# little about the class, while MoCo, whose crops see different regions of one image, learns the
+# pattern that the regions share (the demo's kNN margin: see the README).
 DEFAULT_SIZES = {"num_classes": 8, "train_per_class": DEFAULT_TRAIN_PER_CLASS,
-                 "val_per_class": DEFAULT_VAL_PER_CLASS, "image_size": DEFAULT_IMAGE_SIZE}
+                 "val_per_class": DEFAULT_VAL_PER_CLASS, "image_size": DEFAULT_IMAGE_SIZE, "regions": 4}
 TINY = {"num_classes": 3, "train_per_class": 16, "val_per_class": 4, "image_size": 24}
 
 

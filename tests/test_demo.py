@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import main_lincls
 import main_moco
@@ -69,6 +70,17 @@ def test_demo_without_matplotlib_says_how_to_get_the_figures(tmp_path, monkeypat
     assert capsys.readouterr().out == ("\nno figures: plotting needs matplotlib, which is not installed; "
                                        "install it with: pip install matplotlib\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_random_init_baseline_is_the_seeds_whatever_ran_before():
+    demo = load_demo()
+    args = demo.get_args_parser().parse_args(["--seed", "3"])
+    first = demo.backbone(args, None).state_dict()
+    torch.rand(10)  # training (or anything else) moved the global generator on
+    again = demo.backbone(args, None).state_dict()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    other = demo.backbone(demo.get_args_parser().parse_args(["--seed", "4"]), None).state_dict()
+    assert not torch.equal(first["conv1.weight"], other["conv1.weight"])
 
 
 def test_scripts_use_the_built_in_data_when_dir_is_omitted(cache, tmp_path, monkeypatch):

@@ -197,6 +197,10 @@ def test_bad_arguments_are_refused(tmp_path):
         synthetic.generate(str(tmp_path), style="letters")
     with pytest.raises(ValueError, match="image_size"):
         synthetic.generate(str(tmp_path), image_size=4)
+    with pytest.raises(ValueError, match="regions"):
+        synthetic.generate(str(tmp_path), regions=0)
+    with pytest.raises(ValueError, match="regions"):
+        synthetic.generate(str(tmp_path), regions=4, style="shapes")
 
 
 def test_describe_is_one_line():
@@ -212,3 +216,26 @@ def test_default_dataset_tiny_is_quick_and_cached(tmp_path, monkeypatch):
     rows = synthetic.read_metadata(path)
     tiny = synthetic.TINY
     assert len(rows) == tiny["num_classes"] * (tiny["train_per_class"] + tiny["val_per_class"])
+
+
+def test_patchwork_of_regions_is_deterministic_and_changes_the_images(tmp_path):
+    args = dict(seed=2, num_classes=2, train_per_class=3, val_per_class=1, image_size=16, style="patterns")
+    a = _digest_tree(synthetic.generate(str(tmp_path / "a"), regions=4, **args))
+    b = _digest_tree(synthetic.generate(str(tmp_path / "b"), regions=4, **args))
+    one = _digest_tree(synthetic.generate(str(tmp_path / "one"), **args))
+    assert a == b
+    images = [k for k in a if k.endswith(".png")]
+    assert all(a[k] != one[k] for k in images)
+
+
+def test_every_region_of_a_patchwork_shows_the_pattern_at_its_own_orientation():
+    # stripes: one region has one direction (the doubled-angle mean of its edges' gradients has length
+    # near 1); a patchwork of regions with independent orientations has several (a much shorter mean)
+    def coherence(regions, seed):
+        image, _ = synthetic.draw_pattern(np.random.default_rng(seed), 0, image_size=64, palette=2,
+                                          regions=regions)
+        gy, gx = np.gradient(np.asarray(image.convert("L"), dtype=np.float64))
+        magnitude = np.hypot(gx, gy)
+        return abs((magnitude * np.exp(2j * np.arctan2(gy, gx))).sum()) / magnitude.sum()
+    assert min(coherence(1, seed) for seed in range(8)) > 0.85
+    assert np.mean([coherence(6, seed) for seed in range(8)]) < 0.5
