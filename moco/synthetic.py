@@ -302,11 +302,10 @@ def draw_pattern(rng, label, image_size=DEFAULT_IMAGE_SIZE, period=(0.2, 0.35), 
     for region in range(regions):
         angle = rng.uniform(0, 2 * math.pi) if rotation else 0.0
         ox, oy = rng.uniform(-0.5, 0.5, 2) * size  # shifts the pattern's origin (its phase, and the rings' centre)
-        xs, ys = grid_x - ox, grid_y - oy
+        inside = cell == region  # the pattern is evaluated on this region's pixels only
+        xs, ys = grid_x[inside] - ox, grid_y[inside] - oy
         c, s = math.cos(angle), math.sin(angle)
-        u, v = (xs * c + ys * s) / p, (-xs * s + ys * c) / p
-        inside = cell == region
-        mask[inside] = PATTERNS[label][1](u, v, rng)[inside]
+        mask[inside] = PATTERNS[label][1]((xs * c + ys * s) / p, (-xs * s + ys * c) / p, rng)
         angles.append(angle)
     angle = angles[0]
     alpha = mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]
