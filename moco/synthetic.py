@@ -373,7 +373,8 @@ def generate(root, seed=0, num_classes=DEFAULT_NUM_CLASSES, train_per_class=DEFA
         n colours (the "gradient" and "noise" backgrounds still shade around a palette colour).
     rotation: random orientation of the shapes or patterns (else upright).
     regions: patterns only; n > 1 makes every image a patchwork of n regions, each with its own
-        orientation and phase (see draw_pattern); the metadata's angle is the first region's.
+        orientation and phase (see draw_pattern); the metadata's angle is the first region's and its x,
+        y the last region's pattern origin.
     """
     num_classes = _num_classes(num_classes, style)
     _check_args(num_classes, train_per_class, val_per_class, image_size, style)
